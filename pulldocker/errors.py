@@ -7,11 +7,11 @@ PulldockerError (exit 1)
 │   └── UnsupportedError            a format or feature pulldocker does not read
 ├── NotFoundError (4)               an image, tag, platform or blob does not exist
 │   └── PlatformNotFoundError       no image for the requested platform
-├── AuthenticationError (5)         the registry or token server refused the credentials
-├── RegistryError (6)               the registry answered with an error, or the network failed
+├── AuthenticationError (5)         registry or token server refused the credentials
+├── RegistryError (6)               registry error, or the network failed
 │   └── RateLimitError              429 after all retries
 ├── IntegrityError (7)              a digest, diff_id or size does not match
-└── LimitExceededError (8)          a configured limit (expanded size, entries) was reached
+└── LimitExceededError (8)          a configured limit (expanded size, entries) reached
 
 Messages are one line that names the value at fault and, where one exists, the fix.
 """
