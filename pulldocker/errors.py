@@ -9,7 +9,9 @@ PulldockerError (exit 1)
 │   └── PlatformNotFoundError       no image for the requested platform
 ├── AuthenticationError (5)         registry or token server refused the credentials
 ├── RegistryError (6)               registry error, or the network failed
-│   └── RateLimitError              429 after all retries
+│   ├── RateLimitError              429 after all retries
+│   ├── NetworkError                connection failed, timed out or dropped
+│   └── RegistryResponseError       error status, with the registry's codes
 ├── IntegrityError (7)              a digest, diff_id or size does not match
 └── LimitExceededError (8)          a configured limit (expanded size, entries) reached
 
@@ -23,11 +25,13 @@ __all__ = [
     "IntegrityError",
     "InvalidInputError",
     "LimitExceededError",
+    "NetworkError",
     "NotFoundError",
     "PlatformNotFoundError",
     "PulldockerError",
     "RateLimitError",
     "RegistryError",
+    "RegistryResponseError",
     "UnsafePathError",
     "UnsupportedError",
     "UsageError",
@@ -96,3 +100,16 @@ class LimitExceededError(PulldockerError):
     """A configured safety limit, such as the expanded layer size, was reached."""
 
     exit_code = 8
+
+
+class NetworkError(RegistryError):
+    """A connection to a registry failed, timed out or dropped mid-transfer."""
+
+
+class RegistryResponseError(RegistryError):
+    """The registry answered with an error status and error codes."""
+
+    def __init__(self, message: str, *, status: int, codes: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.status = status
+        self.codes = codes
