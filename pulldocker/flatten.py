@@ -1,0 +1,451 @@
+"""Apply image layers, base first, to an in-memory tree of the root filesystem.
+
+The tree holds metadata and the location of each file's data, never the data,
+so memory grows with the number of paths and not with file sizes. The rules
+are those of Docker's layer unpacking (moby ``pkg/archive``) and the OCI
+image-spec "Applying Changesets" section:
+
+* Names are cleaned: ``./a``, ``a``, ``/a`` and ``a/`` are one path. An entry
+  for the root itself (``./``) is skipped, because a layer cannot change the
+  root directory's attributes.
+* ``D/.wh.NAME`` removes ``D/NAME`` and everything under it. ``D/.wh..wh..opq``
+  removes every child of ``D``. Both only remove what lower layers made: paths
+  written by the same layer survive wherever the marker sits in the tar.
+  Other ``.wh..wh.*`` names (AUFS metadata) are skipped.
+* A new entry replaces whatever was at its path, except that a directory
+  entry on an existing directory merges with it and only updates its
+  metadata. Duplicates within a layer therefore resolve to the last one.
+* Parent directories are resolved inside the root: a parent that a lower
+  layer made a symlink is followed as the kernel would with the rootfs as
+  ``/`` (absolute targets restart at the root, ``..`` stops at the root).
+  The final component is never followed. Missing parents are created with
+  mode 0755, owner 0:0 and mtime 0.
+* A hardlink shares the file that its target names when the link is read;
+  later layers that replace either name leave the other name with the old
+  content. Its header's mode, owner and mtime apply to the shared file, as
+  ``chmod`` through one name would.
+* Symlink targets are kept verbatim; they are only followed to resolve the
+  parents of later entries.
+
+Where runtimes differ, pulldocker takes the stricter choice and says so:
+
+* A name or hardlink target that climbs out of the root with ``..`` rejects
+  the image (Docker's "breakout" error); containerd would clamp it instead.
+* A bare ``.wh.`` (an empty whiteout name) rejects the image, as containerd
+  and the image-spec do; Docker would delete the parent directory.
+* A parent path through a dangling symlink creates the missing directories
+  at the symlink's target, as containerd and umoci do; Docker fails there.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Iterable
+
+from .errors import InvalidInputError, UnsafePathError
+from .tarscan import (
+    BLOCKDEV,
+    CHARDEV,
+    DIRECTORY,
+    FIFO,
+    HARDLINK,
+    REGULAR_TYPES,
+    SYMLINK,
+    TarEntry,
+)
+
+__all__ = ["Inode", "Node", "RootFS", "clean_name"]
+
+logger = logging.getLogger(__name__)
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+AUFS_META_PREFIX = b".wh..wh."
+_MAX_SYMLINK_HOPS = 40  # the Linux limit for one path lookup
+
+REG = 0
+DIR = 1
+SYM = 2
+CHR = 3
+BLK = 4
+FIFO_KIND = 5
+_KIND_OF_TYPE = {
+    DIRECTORY: DIR,
+    SYMLINK: SYM,
+    CHARDEV: CHR,
+    BLOCKDEV: BLK,
+    FIFO: FIFO_KIND,
+}
+
+
+class Inode:
+    """A file's metadata and where its content is; hardlinked names share one.
+
+    ``source`` is the index of the file that holds the data (see
+    ``RootFS.sources``), ``offset`` the position of the data in it, and
+    ``sparse`` the segments of a sparse member, if any.
+    """
+
+    __slots__ = (
+        "devmajor",
+        "devminor",
+        "gid",
+        "gname",
+        "kind",
+        "linkname",
+        "mode",
+        "mtime",
+        "mtime_text",
+        "offset",
+        "size",
+        "source",
+        "sparse",
+        "uid",
+        "uname",
+        "xattrs",
+    )
+
+    def __init__(self, kind: int, entry: TarEntry | None, source: int) -> None:
+        self.kind = kind
+        self.source = source
+        self.sparse: list[tuple[int, int, int]] | None = None
+        if entry is None:  # an implied parent directory
+            self.mode = 0o755
+            self.uid = self.gid = 0
+            self.uname = self.gname = b""
+            self.mtime = 0
+            self.mtime_text: bytes | None = None
+            self.size = self.offset = 0
+            self.linkname = b""
+            self.devmajor = self.devminor = 0
+            self.xattrs: dict[bytes, bytes] | None = None
+            return
+        self.set_metadata(entry)
+        self.linkname = entry.linkname if kind == SYM else b""
+        self.devmajor = entry.devmajor
+        self.devminor = entry.devminor
+        self.xattrs = dict(entry.xattrs) if entry.xattrs else None
+        if kind == REG:
+            self.offset = entry.offset
+            if entry.sparse is not None:
+                self.sparse = entry.sparse
+                self.size = entry.real_size
+            else:
+                self.size = entry.size
+        else:
+            self.offset = self.size = 0
+
+    def set_metadata(self, entry: TarEntry) -> None:
+        """Take mode, owner and mtime from ``entry``."""
+        self.mode = entry.mode
+        self.uid = entry.uid
+        self.gid = entry.gid
+        self.uname = entry.uname
+        self.gname = entry.gname
+        self.mtime = entry.mtime
+        self.mtime_text = entry.mtime_text
+
+    def merge_xattrs(self, xattrs: dict[bytes, bytes] | None) -> None:
+        """Add or overwrite extended attributes, keeping the others."""
+        if xattrs:
+            if self.xattrs is None:
+                self.xattrs = {}
+            self.xattrs.update(xattrs)
+
+
+class Node:
+    """One name in the tree. ``layer`` is the last layer that wrote it."""
+
+    __slots__ = ("children", "inode", "layer", "name", "parent")
+
+    def __init__(
+        self, name: bytes, parent: Node | None, inode: Inode, layer: int
+    ) -> None:
+        self.name = name
+        self.parent = parent
+        self.inode = inode
+        self.layer = layer
+        self.children: dict[bytes, Node] | None = {} if inode.kind == DIR else None
+
+    def path(self) -> bytes:
+        """Return the path from the root, without a leading slash."""
+        parts = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return b"/".join(reversed(parts))
+
+
+def clean_name(name: bytes, label: str) -> tuple[bytes, ...]:
+    """Split a tar name into clean components; () is the root.
+
+    Raises:
+        UnsafePathError: the name climbs out of the root with ``..``.
+    """
+    stripped = name.lstrip(b"/")
+    if not stripped:
+        return ()
+    cleaned = posixpath.normpath(stripped)
+    if cleaned == b"..":
+        raise UnsafePathError(f"{label}: tar name {name!r} leaves the root")
+    if cleaned.startswith(b"../"):
+        raise UnsafePathError(f"{label}: tar name {name!r} leaves the root")
+    if cleaned == b".":
+        return ()
+    return tuple(cleaned.split(b"/"))
+
+
+class RootFS:
+    """The root filesystem tree that layers are applied to, base layer first.
+
+    ``sources`` lists the files (by an opaque label) that hold member data;
+    ``Inode.source`` indexes it.
+    """
+
+    def __init__(self) -> None:
+        self.root = Node(b"", None, Inode(DIR, None, -1), -1)
+        self.skipped_whiteout_dirs = 0
+
+    # -- applying one layer -------------------------------------------------
+
+    def apply_layer(
+        self, entries: Iterable[TarEntry], layer: int, source: int, label: str
+    ) -> None:
+        """Apply the entries of one layer, in tar order.
+
+        ``layer`` counts from 0 at the base; ``source`` is stored in the inodes
+        of regular files so that their data can be found later.
+        """
+        opaque_dirs: list[Node] = []
+        for entry in entries:
+            self._apply_entry(entry, layer, source, label, opaque_dirs)
+        for directory in opaque_dirs:
+            if self._is_attached(directory) and directory.children is not None:
+                self._remove_children(directory, layer)
+
+    def _apply_entry(
+        self,
+        entry: TarEntry,
+        layer: int,
+        source: int,
+        label: str,
+        opaque_dirs: list[Node],
+    ) -> None:
+        parts = clean_name(entry.name, label)
+        if not parts:
+            return  # the root itself: layers cannot change its attributes
+        base = parts[-1]
+        if any(part.startswith(WHITEOUT_PREFIX) for part in parts[:-1]):
+            # No runtime can create such a directory: whiteout names never
+            # become real files, so nothing below one can exist either.
+            self.skipped_whiteout_dirs += 1
+            logger.warning("%s: skipping %r below a whiteout name", label, entry.name)
+            return
+        if base.startswith(WHITEOUT_PREFIX):
+            parent = self._resolve_dir(parts[:-1], layer, label, entry.name)
+            self._apply_whiteout(parent, base, layer, label, entry.name, opaque_dirs)
+            return
+        parent = self._resolve_dir(parts[:-1], layer, label, entry.name)
+        assert parent.children is not None
+        existing = parent.children.get(base)
+        kind = self._kind_of(entry, label)
+        if kind == DIR and existing is not None and existing.inode.kind == DIR:
+            existing.inode.set_metadata(entry)
+            existing.inode.merge_xattrs(entry.xattrs)
+            existing.layer = layer
+            return
+        if existing is not None:
+            del parent.children[base]
+            existing.parent = None
+        if entry.type == HARDLINK:
+            inode = self._hardlink_target(entry, label)
+            # The link's header applies to the shared file, as Docker's
+            # chmod/lchown/chtimes on the new name do (not for symlinks).
+            if inode.kind != SYM:
+                inode.set_metadata(entry)
+            else:
+                inode.uid, inode.gid = entry.uid, entry.gid
+            inode.merge_xattrs(entry.xattrs)
+        else:
+            inode = Inode(kind, entry, source)
+        parent.children[base] = Node(base, parent, inode, layer)
+
+    @staticmethod
+    def _kind_of(entry: TarEntry, label: str) -> int:
+        if entry.type in REGULAR_TYPES or entry.type == HARDLINK:
+            return REG
+        kind = _KIND_OF_TYPE.get(entry.type)
+        if kind is None:
+            raise InvalidInputError(
+                f"{label}: member {entry.name!r} has unsupported type {entry.type!r}"
+            )
+        return kind
+
+    def _apply_whiteout(
+        self,
+        parent: Node,
+        base: bytes,
+        layer: int,
+        label: str,
+        name: bytes,
+        opaque_dirs: list[Node],
+    ) -> None:
+        if base == OPAQUE_MARKER:
+            opaque_dirs.append(parent)
+            return
+        if base.startswith(AUFS_META_PREFIX):
+            return  # AUFS bookkeeping such as .wh..wh.plnk; not a file
+        target = base[len(WHITEOUT_PREFIX) :]
+        if not target or target in (b".", b".."):
+            raise InvalidInputError(
+                f"{label}: invalid whiteout {name!r}: it names no file"
+            )
+        assert parent.children is not None
+        victim = parent.children.get(target)
+        if victim is None:
+            return
+        if victim.layer == layer:
+            # Written by this same layer: only what lower layers left goes.
+            if victim.children is not None:
+                self._remove_children(victim, layer)
+            return
+        if victim.children is not None and self._has_written(victim, layer):
+            self._remove_children(victim, layer)
+            return
+        del parent.children[target]
+        victim.parent = None
+
+    def _remove_children(self, directory: Node, layer: int) -> None:
+        """Remove every descendant of ``directory`` not written by ``layer``."""
+        assert directory.children is not None
+        for name, child in list(directory.children.items()):
+            if child.layer == layer:
+                if child.children is not None:
+                    self._remove_children(child, layer)
+                continue
+            if child.children is not None and self._has_written(child, layer):
+                self._remove_children(child, layer)
+                continue
+            del directory.children[name]
+            child.parent = None
+
+    def _has_written(self, node: Node, layer: int) -> bool:
+        if node.layer == layer:
+            return True
+        if node.children is None:
+            return False
+        return any(self._has_written(child, layer) for child in node.children.values())
+
+    def _is_attached(self, node: Node) -> bool:
+        while node.parent is not None:
+            assert node.parent.children is not None
+            if node.parent.children.get(node.name) is not node:
+                return False
+            node = node.parent
+        return node is self.root
+
+    # -- path resolution ----------------------------------------------------
+
+    def _resolve_dir(
+        self, parts: tuple[bytes, ...], layer: int, label: str, name: bytes
+    ) -> Node:
+        """Walk ``parts`` from the root, following symlinks, creating missing dirs."""
+        node = self.root
+        pending = list(reversed(parts))
+        hops = 0
+        while pending:
+            part = pending.pop()
+            if part in (b"", b"."):
+                continue
+            if part == b"..":
+                node = node.parent or self.root
+                continue
+            assert node.children is not None
+            child = node.children.get(part)
+            if child is None:
+                child = Node(part, node, Inode(DIR, None, -1), layer)
+                node.children[part] = child
+                node = child
+                continue
+            kind = child.inode.kind
+            if kind == DIR:
+                node = child
+            elif kind == SYM:
+                hops += 1
+                if hops > _MAX_SYMLINK_HOPS:
+                    raise InvalidInputError(
+                        f"{label}: too many levels of symbolic links under {name!r}"
+                    )
+                target = child.inode.linkname
+                if target.startswith(b"/"):
+                    node = self.root
+                pending.extend(reversed(target.split(b"/")))
+            else:
+                raise InvalidInputError(
+                    f"{label}: cannot create {name!r}: {child.path()!r} "
+                    "is not a directory"
+                )
+        return node
+
+    def _lookup(self, parts: tuple[bytes, ...], label: str, name: bytes) -> Node | None:
+        """Find a node without following a symlink in the final component."""
+        if not parts:
+            return self.root
+        parent = self._find_dir(parts[:-1], label, name)
+        if parent is None or parent.children is None:
+            return None
+        return parent.children.get(parts[-1])
+
+    def _find_dir(
+        self, parts: tuple[bytes, ...], label: str, name: bytes
+    ) -> Node | None:
+        node = self.root
+        pending = list(reversed(parts))
+        hops = 0
+        while pending:
+            part = pending.pop()
+            if part in (b"", b"."):
+                continue
+            if part == b"..":
+                node = node.parent or self.root
+                continue
+            if node.children is None:
+                return None
+            child = node.children.get(part)
+            if child is None:
+                return None
+            if child.inode.kind == SYM:
+                hops += 1
+                if hops > _MAX_SYMLINK_HOPS:
+                    raise InvalidInputError(
+                        f"{label}: too many levels of symbolic links under {name!r}"
+                    )
+                if child.inode.linkname.startswith(b"/"):
+                    node = self.root
+                pending.extend(reversed(child.inode.linkname.split(b"/")))
+                continue
+            node = child
+        return node if node.children is not None else None
+
+    def _hardlink_target(self, entry: TarEntry, label: str) -> Inode:
+        try:
+            parts = clean_name(entry.linkname, label)
+        except UnsafePathError:
+            raise UnsafePathError(
+                f"{label}: hardlink {entry.name!r} points to {entry.linkname!r}, "
+                "outside the root"
+            ) from None
+        target = self._lookup(parts, label, entry.name) if parts else None
+        if target is None:
+            raise InvalidInputError(
+                f"{label}: hardlink {entry.name!r} points to {entry.linkname!r}, "
+                "which does not exist"
+            )
+        if target.inode.kind == DIR:
+            raise InvalidInputError(
+                f"{label}: hardlink {entry.name!r} points to directory "
+                f"{entry.linkname!r}"
+            )
+        return target.inode

@@ -1,0 +1,283 @@
+"""Recognise layer compression by magic bytes, decompress and hash layers.
+
+The compression of a layer or archive is decided from its first bytes, never
+from its name or media type alone, because registries and tools mislabel
+layers both ways (gzip labelled as plain tar, zstd labelled as gzip):
+
+* gzip ``1f 8b``, zstd ``28 b5 2f fd`` (or a skippable frame), bzip2 ``BZh``,
+  xz ``fd 37 7a 58 5a 00``; anything else is read as plain tar.
+
+A compressed layer is decompressed once, into a spool file, while both the
+stored bytes (the manifest digest) and the uncompressed bytes (the config's
+diff_id) are hashed.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import lzma
+import os
+import re
+from typing import BinaryIO, Protocol
+
+from .errors import (
+    IntegrityError,
+    InvalidInputError,
+    LimitExceededError,
+    UnsupportedError,
+)
+
+__all__ = [
+    "DEFAULT_MAX_EXPANDED",
+    "DigestCheck",
+    "Hashed",
+    "RegionReader",
+    "decompress_to_file",
+    "detect_compression",
+    "hash_region",
+    "parse_digest",
+]
+
+DEFAULT_MAX_EXPANDED = 256 * 1024**3  # 256 GiB of uncompressed data per layer
+_CHUNK = 1024 * 1024
+_DIGEST_PATTERN = {
+    "sha256": re.compile(rb"[a-f0-9]{64}"),
+    "sha512": re.compile(rb"[a-f0-9]{128}"),
+}
+
+
+class _Progress(Protocol):
+    def __call__(self, amount: int) -> None: ...
+
+
+def parse_digest(digest: object, what: str) -> tuple[str, str]:
+    """Split ``sha256:<hex>`` into algorithm and hex, checking both.
+
+    Raises:
+        InvalidInputError: the digest is not a sha256 or sha512 digest.
+    """
+    if not isinstance(digest, str):
+        raise InvalidInputError(f"{what}: digest {digest!r} is not a string")
+    algorithm, _, encoded = digest.partition(":")
+    pattern = _DIGEST_PATTERN.get(algorithm)
+    if pattern is None or not pattern.fullmatch(encoded.encode()):
+        raise InvalidInputError(
+            f"{what}: invalid digest {digest!r}; expected sha256:<64 hex digits>"
+        )
+    return algorithm, encoded
+
+
+def detect_compression(head: bytes) -> str:
+    """Name the compression of data starting with ``head``; "none" for plain."""
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    if (
+        len(head) >= 4
+        and 0x184D2A50 <= int.from_bytes(head[:4], "little") <= 0x184D2A5F
+    ):
+        return "zstd"  # a skippable frame, as written before some zstd layers
+    if head[:3] == b"BZh":
+        return "bzip2"
+    if head[:6] == b"\xfd7zXZ\x00":
+        return "xz"
+    return "none"
+
+
+class RegionReader:
+    """A read-only binary stream over [offset, offset+size) of ``fd``.
+
+    It hashes what it reads when ``algorithm`` is given.
+    """
+
+    def __init__(self, fd: int, offset: int, size: int, algorithm: str | None) -> None:
+        self.fd = fd
+        self.position = offset
+        self.end = offset + size
+        self.hash = hashlib.new(algorithm) if algorithm else None
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        remaining = self.end - self.position
+        if size < 0 or size > remaining:
+            size = remaining
+        if size <= 0:
+            return b""
+        data = os.pread(self.fd, size, self.position)
+        self.position += len(data)
+        if self.hash is not None:
+            self.hash.update(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        """Read to the end, so the hash covers the whole region."""
+        while self.read(_CHUNK):
+            pass
+
+
+class Hashed:
+    """Digests computed for one layer: of the stored bytes and of the tar."""
+
+    __slots__ = ("stored", "uncompressed", "uncompressed_size")
+
+    def __init__(self, stored: str, uncompressed: str, uncompressed_size: int) -> None:
+        self.stored = stored
+        self.uncompressed = uncompressed
+        self.uncompressed_size = uncompressed_size
+
+
+class DigestCheck:
+    """What a layer's digests must be; None where the source records nothing."""
+
+    __slots__ = ("digest", "diff_id", "label", "size")
+
+    def __init__(
+        self, label: str, digest: str | None, diff_id: str | None, size: int | None
+    ) -> None:
+        self.label = label
+        self.digest = digest
+        self.diff_id = diff_id
+        self.size = size
+
+    def algorithms(self) -> tuple[str, str]:
+        """Return the hash algorithms for the stored and uncompressed bytes."""
+        stored = parse_digest(self.digest, self.label)[0] if self.digest else "sha256"
+        plain = parse_digest(self.diff_id, self.label)[0] if self.diff_id else "sha256"
+        return stored, plain
+
+    def verify(self, hashed: Hashed, stored_size: int) -> None:
+        """Raise IntegrityError if a recorded digest or size differs."""
+        if self.size is not None and self.size != stored_size:
+            raise IntegrityError(
+                f"{self.label}: size mismatch: expected {self.size} bytes, "
+                f"got {stored_size}"
+            )
+        if self.digest is not None and self.digest != hashed.stored:
+            raise IntegrityError(
+                f"{self.label}: digest mismatch: expected {self.digest}, "
+                f"got {hashed.stored}"
+            )
+        if self.diff_id is not None and self.diff_id != hashed.uncompressed:
+            raise IntegrityError(
+                f"{self.label}: diff_id mismatch: expected {self.diff_id}, "
+                f"got {hashed.uncompressed} (the layer does not match the config)"
+            )
+
+
+def hash_region(
+    fd: int, offset: int, size: int, algorithm: str, progress: _Progress | None = None
+) -> str:
+    """Return ``algorithm:hex`` of [offset, offset+size) of ``fd``."""
+    digest = hashlib.new(algorithm)
+    position, end = offset, offset + size
+    while position < end:
+        data = os.pread(fd, min(_CHUNK * 4, end - position), position)
+        if not data:
+            raise InvalidInputError(f"unexpected end of file at byte {position}")
+        digest.update(data)
+        position += len(data)
+        if progress is not None:
+            progress(len(data))
+    return f"{algorithm}:{digest.hexdigest()}"
+
+
+def open_decompressor(compression: str, source: BinaryIO) -> BinaryIO:
+    """Wrap ``source`` in a reader that yields the decompressed bytes."""
+    if compression == "gzip":
+        try:
+            from isal import igzip
+
+            return igzip.IGzipFile(fileobj=source, mode="rb")  # type: ignore[no-untyped-call,return-value]
+        except ImportError:
+            import gzip
+
+            return gzip.GzipFile(fileobj=source, mode="rb")  # type: ignore[return-value]
+    if compression == "zstd":
+        try:
+            import zstandard
+        except ImportError:
+            raise UnsupportedError(
+                "zstd-compressed data needs the 'zstandard' package: "
+                "pip install zstandard"
+            ) from None
+        # Frames may declare windows up to 2 GiB (zstd --long=31).
+        decompressor = zstandard.ZstdDecompressor(max_window_size=2**31)
+        return decompressor.stream_reader(
+            source, read_across_frames=True, closefd=False
+        )
+    if compression == "bzip2":
+        return bz2.BZ2File(source)  # type: ignore[return-value]
+    if compression == "xz":
+        return lzma.LZMAFile(source)  # type: ignore[return-value]
+    raise UnsupportedError(f"unsupported compression {compression!r}")
+
+
+def decompress_to_file(
+    fd: int,
+    offset: int,
+    size: int,
+    compression: str,
+    out_fd: int,
+    *,
+    label: str,
+    algorithms: tuple[str, str] = ("sha256", "sha256"),
+    max_expanded: int = DEFAULT_MAX_EXPANDED,
+    progress: _Progress | None = None,
+) -> Hashed:
+    """Decompress a region of ``fd`` to the end of ``out_fd``, hashing both sides.
+
+    Raises:
+        InvalidInputError: the compressed stream is corrupt or truncated.
+        LimitExceededError: more than ``max_expanded`` bytes came out.
+    """
+    reader = RegionReader(fd, offset, size, algorithms[0])
+    plain_hash = hashlib.new(algorithms[1])
+    total = 0
+    last_position = reader.position
+    try:
+        stream = open_decompressor(compression, reader)  # type: ignore[arg-type]
+        while True:
+            data = stream.read(_CHUNK)
+            if not data:
+                break
+            total += len(data)
+            if total > max_expanded:
+                raise LimitExceededError(
+                    f"{label}: expands to more than {max_expanded} bytes; "
+                    "raise the limit with --max-layer-size if the image is trusted"
+                )
+            plain_hash.update(data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out_fd, view) :]
+            if progress is not None:
+                progress(reader.position - last_position)
+                last_position = reader.position
+    except (EOFError, OSError, lzma.LZMAError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # a real I/O error (disk full), not corrupt data
+        raise InvalidInputError(
+            f"{label}: corrupt or truncated {compression} data ({exc})"
+        ) from None
+    except Exception as exc:  # zstandard.ZstdError is not an OSError
+        if type(exc).__name__ != "ZstdError":
+            raise
+        raise InvalidInputError(
+            f"{label}: corrupt or truncated zstd data ({exc})"
+        ) from None
+    reader.drain()
+    assert reader.hash is not None
+    return Hashed(
+        f"{algorithms[0]}:{reader.hash.hexdigest()}",
+        f"{algorithms[1]}:{plain_hash.hexdigest()}",
+        total,
+    )
