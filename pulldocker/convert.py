@@ -157,19 +157,19 @@ def _apply_layers(
     source_fds: list[int] = []
     pending: list[tuple[LayerBlob, Future[Hashed]]] = []
     total = len(image.layers)
-    for index, (layer, job, spool_fd) in enumerate(jobs):
+    for index, (layer, job, spool) in enumerate(jobs):
         key = f"layer-{index}"
         progress.start(key, f"layer {index + 1}/{total}", layer.size)
         region: tuple[int, int, int]
-        if spool_fd is None:
+        if spool is None:
             source_fds.append(layer.fd)
             region = (layer.fd, layer.offset, layer.size)
             pending.append((layer, job))
         else:
-            source_fds.append(spool_fd)
+            source_fds.append(spool)
             hashed = job.result()
             layer.check.verify(hashed, layer.size)
-            region = (spool_fd, 0, hashed.uncompressed_size)
+            region = (spool, 0, hashed.uncompressed_size)
         label = layer.check.label
         entries = iter_entries(*region, label=label)
         rootfs.apply_layer(entries, index, len(source_fds) - 1, label)
