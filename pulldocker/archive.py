@@ -43,6 +43,18 @@ __all__ = ["Archive", "ImageLayers", "LayerBlob", "open_archive"]
 _MAX_JSON = 16 * 1024 * 1024
 _MAX_LINK_HOPS = 8
 _MAX_INDEX_DEPTH = 8
+# Docker also accepts the legacy values below as image configs.
+_IMAGE_CONFIG_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.config.v1+json",
+        "application/vnd.docker.container.image.v1+json",
+        "application/octet-stream",
+        "application/json",
+        "text/html",
+        "",
+        None,
+    }
+)
 _NON_LAYER_HINTS = ("in-toto", "json", "+encrypted", "helm", "wasm")
 
 
@@ -225,6 +237,12 @@ class Archive:
         if not isinstance(config_descriptor, dict) or not isinstance(layers, list):
             raise InvalidInputError(
                 f"{self.label}: manifest of {name} needs config and layers"
+            )
+        config_type = config_descriptor.get("mediaType")
+        if config_type not in _IMAGE_CONFIG_TYPES:
+            raise UnsupportedError(
+                f"{self.label}: {name} is not a container image (its config has "
+                f"media type {config_type!r}); choose an image with --image"
             )
         config = self._read_blob_json(config_descriptor, "config")
         diff_ids = _diff_ids(config, len(layers), f"{self.label}: {name}")
@@ -456,6 +474,8 @@ def _diff_ids(config: Any, layer_count: int, label: str) -> list[str]:
 def _warn_platform(config: Any, platform: Platform | None, name: str) -> None:
     if platform is None:
         return
+    if not config.get("os") or not config.get("architecture"):
+        return  # the config names no platform, so there is nothing to compare
     offered = Platform.from_json(config)
     if not platform.accepts(offered):
         raise NotFoundError(
