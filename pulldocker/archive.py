@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import posixpath
+import re
 import shutil
 import stat
 import sys
@@ -39,6 +41,8 @@ from .platform import INDEX_TYPES, Platform, host_platform, select_manifests
 from .tarscan import DIRECTORY, HARDLINK, REGULAR_TYPES, SYMLINK, iter_entries
 
 __all__ = ["Archive", "ImageLayers", "LayerBlob", "open_archive"]
+
+logger = logging.getLogger(__name__)
 
 _MAX_JSON = 16 * 1024 * 1024
 _MAX_LINK_HOPS = 8
@@ -163,11 +167,7 @@ class Archive:
         if self.has("index.json"):
             return self._from_oci_index(selector, platform)
         if self.has("repositories"):
-            raise UnsupportedError(
-                f"{self.label}: no manifest.json: archives from Docker before "
-                "1.10 are not supported; load and save the image again with a "
-                "newer Docker"
-            )
+            return self._from_legacy_repositories(selector)
         raise InvalidInputError(
             f"{self.label}: not an image archive: it has neither manifest.json "
             "nor index.json"
@@ -203,6 +203,55 @@ class Archive:
             label = f"layer {i + 1}/{count} ({path})"
             fd, offset, size = self.member(path, "layer")
             check = DigestCheck(label, None, diff_id, None)
+            image.layers.append(LayerBlob(fd, offset, size, check))
+        return image
+
+    def _from_legacy_repositories(self, selector: str | None) -> ImageLayers:
+        """Read a pre-1.10 ``docker save``: layers chained by ``parent`` ids.
+
+        These archives record no diff_ids, so layer content cannot be
+        verified; Docker loaded them the same way until version 29.
+        """
+        repositories = self.read_json("repositories", "repositories file")
+        tops: list[tuple[str, str]] = []
+        if isinstance(repositories, dict):
+            for repository, tags in repositories.items():
+                if isinstance(tags, dict):
+                    for tag, layer_id in tags.items():
+                        tops.append((f"{repository}:{tag}", str(layer_id)))
+        if not tops:
+            raise InvalidInputError(
+                f"{self.label}: the repositories file lists no image"
+            )
+        manifest = [{"RepoTags": [name], "Top": top} for name, top in tops]
+        entry, name = _choose_entry(manifest, selector, self.label)
+        chain: list[str] = []
+        layer_id: str | None = entry["Top"]
+        config: dict[str, Any] | None = None
+        while layer_id:
+            if layer_id in chain or len(chain) > 1000:
+                raise InvalidInputError(
+                    f"{self.label}: the parent chain of {name} loops"
+                )
+            if not re.fullmatch(r"[a-f0-9]{64}", layer_id):
+                raise InvalidInputError(f"{self.label}: invalid layer id {layer_id!r}")
+            chain.append(layer_id)
+            layer_json = self.read_json(f"{layer_id}/json", "layer json")
+            if not isinstance(layer_json, dict):
+                raise InvalidInputError(
+                    f"{self.label}: {layer_id}/json is not an object"
+                )
+            if config is None:
+                config = layer_json
+            parent = layer_json.get("parent")
+            layer_id = parent if isinstance(parent, str) else None
+        logger.info("%s: pre-1.10 archive; its layers cannot be verified", self.label)
+        image = ImageLayers(name, config or {})
+        chain.reverse()
+        for i, chained_id in enumerate(chain):
+            label = f"layer {i + 1}/{len(chain)} ({chained_id[:12]})"
+            fd, offset, size = self.member(f"{chained_id}/layer.tar", "layer")
+            check = DigestCheck(label, None, None, None)
             image.layers.append(LayerBlob(fd, offset, size, check))
         return image
 
