@@ -217,8 +217,8 @@ class Archive:
         if isinstance(repositories, dict):
             for repository, tags in repositories.items():
                 if isinstance(tags, dict):
-                    for tag, layer_id in tags.items():
-                        tops.append((f"{repository}:{tag}", str(layer_id)))
+                    for tag, top_id in tags.items():
+                        tops.append((f"{repository}:{tag}", str(top_id)))
         if not tops:
             raise InvalidInputError(
                 f"{self.label}: the repositories file lists no image"
