@@ -208,9 +208,7 @@ class RegistryClient:
             value = self.auth.authorization(self.host, scopes)
             if value:
                 sent["Authorization"] = value
-            response = self.transport.send(
-                method, url, headers=sent, stream=method == "GET"
-            )
+            response = self.transport.send(method, url, headers=sent)
             if response.status_code not in (401, 403) or attempt == 1:
                 return response
             retry_scopes = self.auth.handle_unauthorized(self.host, response, scopes)

@@ -144,12 +144,12 @@ class Transport:
         *,
         headers: Mapping[str, str] | None = None,
         data: Mapping[str, str] | None = None,
-        stream: bool = False,
     ) -> requests.Response:
         """Send a request, retrying and following redirects by hand.
 
         GET and HEAD are retried on connection errors, 408, 429 and 5xx.
-        The last response is returned whatever its status.
+        The last response is returned whatever its status, with its body
+        unread: read it with ``iter_body`` or ``read_body``, or close it.
 
         Raises:
             NetworkError: the connection failed on every attempt.
@@ -159,7 +159,7 @@ class Transport:
         delay = self.retry.initial_delay
         for attempt in range(1, attempts + 1):
             try:
-                response = self._send_following(method, url, headers, data, stream)
+                response = self._send_following(method, url, headers, data)
             except NetworkError as exc:
                 if attempt == attempts:
                     raise
@@ -216,7 +216,6 @@ class Transport:
         url: str,
         headers: Mapping[str, str] | None,
         data: Mapping[str, str] | None,
-        stream: bool,
     ) -> requests.Response:
         current = dict(headers or {})
         origin = _origin(url)
@@ -228,7 +227,7 @@ class Transport:
                     url,
                     headers=current,
                     data=data,
-                    stream=stream,
+                    stream=True,
                     allow_redirects=False,
                     timeout=self.timeout,
                     verify=self._verify_for(url),
@@ -262,10 +261,13 @@ class Transport:
         failure: NetworkError | None = None
         for scheme, verify in candidates:
             if not verify:
+                # The user asked for this host to be insecure; the warning is
+                # logged once above instead of on every request.
+                urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
                 self._unverified_hosts.add(host)
             try:
                 response = self._send_following(
-                    "GET", f"{scheme}://{host}/v2/", None, None, False
+                    "GET", f"{scheme}://{host}/v2/", None, None
                 )
             except NetworkError as exc:
                 failure = failure or exc
@@ -274,6 +276,8 @@ class Transport:
             response.close()
             if response.status_code in (200, 401, 403):
                 logger.debug("registry %s uses %s", host, scheme)
+                if not verify:
+                    logger.warning("TLS verification is off for %s (--insecure)", host)
                 return f"{scheme}://{host}"
             if response.status_code == 400 and scheme == "http":
                 continue  # a TLS server answering plain HTTP
