@@ -184,6 +184,9 @@ def clean_name(name: bytes, label: str) -> tuple[bytes, ...]:
     Raises:
         UnsafePathError: the name climbs out of the root with ``..``.
     """
+    if not name.startswith((b"/", b".")) and b"/." not in name and b"//" not in name:
+        # Already clean, as almost every name in real layers is.
+        return tuple(name.rstrip(b"/").split(b"/"))
     stripped = name.lstrip(b"/")
     if not stripped:
         return ()
@@ -353,6 +356,19 @@ class RootFS:
     ) -> Node:
         """Walk ``parts`` from the root, following symlinks, creating missing dirs."""
         node = self.root
+        for depth, part in enumerate(parts):
+            assert node.children is not None
+            child = node.children.get(part)
+            if child is None or child.children is None:
+                # A missing directory or a symlink: take the general walk.
+                rest = parts[depth:]
+                return self._resolve_dir_slowly(node, rest, layer, label, name)
+            node = child
+        return node
+
+    def _resolve_dir_slowly(
+        self, node: Node, parts: tuple[bytes, ...], layer: int, label: str, name: bytes
+    ) -> Node:
         pending = list(reversed(parts))
         hops = 0
         while pending:
