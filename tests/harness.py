@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -102,3 +104,19 @@ def unprivileged_prefix() -> list[str]:
     if shutil.which("runuser"):
         return ["runuser", "-u", "nobody", "--"]
     return []
+
+
+def load_builder() -> ModuleType:
+    """Import ``fixtures/build_demo.py``, which also writes archives for tests."""
+    name = "build_demo"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, REPO / "fixtures" / "build_demo.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class is made.
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

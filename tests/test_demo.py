@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from harness import (
@@ -19,6 +16,7 @@ from harness import (
     PULLDOCKER,
     REPO,
     describe_failure,
+    load_builder,
     missing_tools,
     run_pulldocker,
     tree_diff,
@@ -47,18 +45,6 @@ def _drop_owner(line: str) -> str:
     columns = line.split("\t")
     columns[3] = "-"
     return "\t".join(columns)
-
-
-def load_builder() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "build_demo", REPO / "fixtures" / "build_demo.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the class is made.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
