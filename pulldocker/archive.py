@@ -528,7 +528,7 @@ def _warn_platform(config: Any, platform: Platform | None, name: str) -> None:
     offered = Platform.from_json(config)
     if not platform.accepts(offered):
         raise NotFoundError(
-            f"{name} is for {offered}, not {platform}; the archive holds no "
+            f"{name} is for {offered}, not {platform}; the archive contains no "
             "other platform of it"
         )
 
@@ -569,14 +569,14 @@ def _choose_entry(
             return entry, (tags(entry) or ["image 0"])[0]
         listing = "; ".join(describe(i, e) for i, e in enumerate(manifest))
         raise UsageError(
-            f"{label} holds {len(manifest)} images; choose one with --image TAG "
+            f"{label} contains {len(manifest)} images; choose one with --image TAG "
             f"or --image INDEX: {listing}"
         )
     position = _index_selector(selector)
     if position is not None:
         if position >= len(manifest):
             raise NotFoundError(
-                f"{label}: no image at index {position}; it holds {len(manifest)}"
+                f"{label}: no image at index {position}; it contains {len(manifest)}"
             )
         entry = manifest[position]
         return entry, (tags(entry) or [f"image {position}"])[0]
@@ -586,7 +586,7 @@ def _choose_entry(
             if tag == selector or _familiar(tag) == wanted:
                 return entry, tag
     listing = "; ".join(describe(i, e) for i, e in enumerate(manifest))
-    raise NotFoundError(f"{label}: no image tagged {selector!r}; it holds {listing}")
+    raise NotFoundError(f"{label}: no image tagged {selector!r}; it contains {listing}")
 
 
 def _descriptor_list(document: Any, label: str) -> list[dict[str, Any]]:
@@ -648,13 +648,13 @@ def _choose_descriptor(
             if selector == descriptor.get("digest"):
                 return descriptor
         names = ", ".join(_descriptor_name(d) for d in usable)
-        raise NotFoundError(f"{label}: no image named {selector!r}; it holds {names}")
+        raise NotFoundError(f"{label}: no image named {selector!r}; it contains {names}")
     if len(usable) == 1:
         return usable[0]
     if all(d.get("platform") for d in usable):
         return dict(select_manifests(usable, platform or host_platform(), label))
     names = "; ".join(f"[{i}] {_descriptor_name(d)}" for i, d in enumerate(usable))
     raise UsageError(
-        f"{label} holds {len(usable)} images; choose one with --image NAME or "
+        f"{label} contains {len(usable)} images; choose one with --image NAME or "
         f"--image INDEX: {names}"
     )

@@ -8,9 +8,9 @@ Usage:
 
 SOURCE is a local image when it is ``-`` (stdin), starts with ``/``, ``./``,
 ``../`` or ``~``, names an existing path, or ends in an archive suffix such as
-``.tar``; otherwise it is an image reference to pull. Errors print one line on
-stderr and exit with the code of their class (see ``errors.py``); 130 on
-Ctrl-C. ``--debug`` adds tracebacks and debug logging.
+``.tar``. Anything else is an image reference to pull. Errors print one line
+on stderr and exit with the code of their class (see ``errors.py``), or 130
+on Ctrl-C. ``--debug`` adds tracebacks and debug logging.
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def _variant_rank(platform: Platform) -> float:
 def host_platform() -> Platform:
     """Return linux with the host's CPU architecture, also on macOS.
 
-    Container images almost always target linux, so a macOS host asks for
+    Container images almost always target linux, so a macOS host requests
     ``linux/arm64`` rather than ``darwin/arm64``.
     """
     return Platform("linux", _host.machine() or "amd64").normalized()
