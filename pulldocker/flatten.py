@@ -62,7 +62,8 @@ logger = logging.getLogger(__name__)
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 AUFS_META_PREFIX = b".wh..wh."
-_MAX_SYMLINK_HOPS = 40  # the Linux limit for one path lookup
+_MAX_SYMLINK_HOPS = 40
+_OWNER_NAMES: dict[bytes, bytes] = {}  # the Linux limit for one path lookup
 
 REG = 0
 DIR = 1
@@ -141,8 +142,9 @@ class Inode:
         self.mode = entry.mode
         self.uid = entry.uid
         self.gid = entry.gid
-        self.uname = entry.uname
-        self.gname = entry.gname
+        # Owner names repeat across thousands of entries; share one object.
+        self.uname = _OWNER_NAMES.setdefault(entry.uname, entry.uname)
+        self.gname = _OWNER_NAMES.setdefault(entry.gname, entry.gname)
         self.mtime = entry.mtime
         self.mtime_text = entry.mtime_text
 
