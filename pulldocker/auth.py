@@ -130,14 +130,20 @@ class Authenticator:
         return f"Bearer {self._token(challenge, scopes)}"
 
     def handle_unauthorized(
-        self, host: str, response: requests.Response, scopes: Iterable[str]
+        self,
+        host: str,
+        response: requests.Response,
+        scopes: tuple[str, ...],
+        sent: str | None,
     ) -> tuple[str, ...] | None:
         """Update state after a 401 or 403 and return scopes for one retry.
 
-        The cached token is dropped; an ``insufficient_scope`` challenge adds
-        its scope. None means a retry cannot help.
+        The cached token is dropped if it is the one ``sent``; when another
+        thread has already replaced it, the new one is kept. An
+        ``insufficient_scope`` challenge adds its scope. None means a retry
+        cannot help.
         """
-        wanted = tuple(scopes)
+        wanted = scopes
         fresh = challenges_from_response(response)
         bearer = next((c for c in fresh if c.scheme == "bearer"), None)
         if bearer is not None and bearer.params.get("error") == "insufficient_scope":
@@ -147,8 +153,13 @@ class Authenticator:
                 self._challenges[host] = fresh
             challenge = self._preferred_locked(host)
             if challenge is not None and challenge.scheme == "bearer":
-                self._tokens.pop(_token_key(challenge, wanted), None)
-                self._tokens.pop(_token_key(challenge, tuple(scopes)), None)
+                for key in (
+                    _token_key(challenge, wanted),
+                    _token_key(challenge, scopes),
+                ):
+                    cached = self._tokens.get(key)
+                    if cached is not None and f"Bearer {cached[0]}" == sent:
+                        del self._tokens[key]
         if challenge is None:
             return None
         if challenge.scheme == "basic" and not self.credentials.has_basic:

@@ -211,7 +211,9 @@ class RegistryClient:
             response = self.transport.send(method, url, headers=sent)
             if response.status_code not in (401, 403) or attempt == 1:
                 return response
-            retry_scopes = self.auth.handle_unauthorized(self.host, response, scopes)
+            retry_scopes = self.auth.handle_unauthorized(
+                self.host, response, scopes, value
+            )
             if retry_scopes is None:
                 return response
             logger.debug("retrying %s %s with a fresh token", method, path)

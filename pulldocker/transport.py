@@ -90,17 +90,18 @@ class Transport:
         insecure_hosts: frozenset[str] = frozenset(),
         retry: RetryPolicy | None = None,
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.session = requests.Session()
         self.session.headers["User-Agent"] = f"pulldocker/{__version__}"
         self.session.headers["Docker-Distribution-API-Version"] = "registry/2.0"
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
-        self.sleep = sleep
+        self.sleep = sleep or time.sleep
         self.insecure_hosts = insecure_hosts
         self._unverified_hosts: set[str] = set()
         self._base_urls: dict[str, str] = {}
+        self._pings: dict[str, requests.Response] = {}
         self._tempdir: str | None = None
         self._verify: bool | str = True
         if cert_dir is not None:
@@ -130,12 +131,19 @@ class Transport:
             NetworkError: no scheme reached a registry.
         """
         if host not in self._base_urls:
-            self._base_urls[host] = self._probe(host)
+            base, response = self._probe(host)
+            self._base_urls[host] = base
+            self._pings[host] = response
         return self._base_urls[host]
 
     def ping_response(self, host: str) -> requests.Response:
-        """Send ``GET /v2/`` and return the response for its challenges."""
-        return self.send("GET", f"{self.base_url(host)}/v2/")
+        """Return the closed ``GET /v2/`` response, to read its challenges."""
+        self.base_url(host)
+        response = self._pings.pop(host, None)
+        if response is None:
+            response = self.send("GET", f"{self.base_url(host)}/v2/")
+            response.close()
+        return response
 
     def send(
         self,
@@ -251,7 +259,7 @@ class Transport:
             f"too many redirects (more than {MAX_REDIRECTS}) for {_redact(url)}"
         )
 
-    def _probe(self, host: str) -> str:
+    def _probe(self, host: str) -> tuple[str, requests.Response]:
         insecure = host in self.insecure_hosts
         candidates = [("https", True)]
         if insecure or is_loopback(host):
@@ -278,7 +286,7 @@ class Transport:
                 logger.debug("registry %s uses %s", host, scheme)
                 if not verify:
                     logger.warning("TLS verification is off for %s (--insecure)", host)
-                return f"{scheme}://{host}"
+                return f"{scheme}://{host}", response
             if response.status_code == 400 and scheme == "http":
                 continue  # a TLS server answering plain HTTP
             self._unverified_hosts.discard(host)
