@@ -22,8 +22,8 @@ CORPUS_DIR = Path("/tmp/bench")
 CORPUS = CORPUS_DIR / "corpus-quick.tar"
 EXPECTED = CORPUS_DIR / "corpus-quick.expected.tsv.gz"
 
-# Building from an empty .deb cache took about 4 s on a 2-core machine. The
-# limit leaves room for a slow mirror.
+# Building from an empty .deb cache took 15 s on a 2-core machine, most of it
+# downloading the .debs. The limit leaves room for a slow mirror.
 BUILD_TIMEOUT = 1800
 
 pytestmark = [
