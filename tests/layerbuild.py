@@ -61,6 +61,8 @@ _TYPES = {
     "chardev": tarfile.CHRTYPE,
     "blockdev": tarfile.BLKTYPE,
     "fifo": tarfile.FIFOTYPE,
+    "contiguous": tarfile.CONTTYPE,
+    "oldfile": tarfile.AREGTYPE,
 }
 _DEFAULT_MODES = {"dir": 0o755, "symlink": 0o777, "hardlink": 0o644}
 
@@ -98,12 +100,15 @@ class Entry:
         info.mtime = self.mtime
         info.linkname = text(self.link)
         info.devmajor, info.devminor = self.devmajor, self.devminor
-        info.size = len(self.data) if self.kind == "file" else 0
+        info.size = len(self.data) if self.has_data() else 0
         headers = dict(self.pax or {})
         for key, value in (self.xattrs or {}).items():
             headers["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
         info.pax_headers = headers
         return info
+
+    def has_data(self) -> bool:
+        return self.kind in ("file", "contiguous", "oldfile")
 
     def default_mode(self) -> int:
         return _DEFAULT_MODES.get(self.kind, 0o644)
@@ -141,7 +146,7 @@ def layer(*specs: str | bytes | Entry, fmt: str = "pax") -> bytes:
     ) as tar:
         for spec in specs:
             entry = parse_entry(spec)
-            data = io.BytesIO(entry.data) if entry.kind == "file" else None
+            data = io.BytesIO(entry.data) if entry.has_data() else None
             tar.addfile(entry.tarinfo(), data)
     return buffer.getvalue()
 
@@ -178,6 +183,30 @@ def decompress(data: bytes) -> bytes:
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Case:
+    """Layers (each a list of entry specs, or raw layer bytes) and the result."""
+
+    layers: list[list[str | bytes | Entry] | bytes]
+    expected: list[str | bytes | Entry] = field(default_factory=list)
+    fmt: str = "pax"
+
+    def image(self) -> Image:
+        blobs = [
+            specs if isinstance(specs, bytes) else layer(*specs, fmt=self.fmt)
+            for specs in self.layers
+        ]
+        return Image(blobs)
+
+
+def strip_trailer(tar: bytes) -> bytes:
+    """Cut the zero blocks that end a tar, leaving the last member's padding."""
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as archive:
+        last = archive.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512
+    return tar[:end]
 
 
 # -- archives -----------------------------------------------------------------
@@ -507,7 +536,8 @@ def expect(*specs: str | bytes | Entry) -> Tree:
             group.add(path)
             groups[path] = group
         else:
-            kind = {"file": "f", "dir": "d", "symlink": "l"}.get(entry.kind, "?")
+            kind = "f" if entry.has_data() else "?"
+            kind = {"dir": "d", "symlink": "l"}.get(entry.kind, kind)
             content: bytes | str | None = None
             if kind == "f":
                 content = entry.data

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import tarfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from layerbuild import (
     LAYER_TAR,
     LAYER_ZSTD,
     BlobStore,
+    Case,
     Entry,
     Image,
     clean_failure_problems,
@@ -43,22 +43,6 @@ from layerbuild import (
 PING_CAPABILITY = bytes.fromhex("0000000200300000") + bytes(12)
 LONG = "m" * 120
 SITE = "usr/lib/python2.7/site-packages"
-
-
-@dataclass
-class Case:
-    """Layers (each a list of entry specs, or raw layer bytes) and the result."""
-
-    layers: list[list[str | bytes | Entry] | bytes]
-    expected: list[str | bytes | Entry] = field(default_factory=list)
-    fmt: str = "pax"
-
-    def image(self) -> Image:
-        blobs = [
-            specs if isinstance(specs, bytes) else layer(*specs, fmt=self.fmt)
-            for specs in self.layers
-        ]
-        return Image(blobs)
 
 
 TREE_CASES = {
