@@ -9,7 +9,7 @@ For ``Bearer`` the client asks the realm for a token covering the scopes it
 needs (GET with Basic credentials, or an OAuth2 POST with a refresh token)
 and sends it as ``Authorization: Bearer``. For ``Basic`` the credentials go
 on every request. Tokens are cached per (realm, service, scopes) until
-shortly before they expire; after a 401 the token is dropped and the request
+shortly before they expire. After a 401 the token is dropped and the request
 is retried once, as the distribution token spec and containerd do.
 """
 
@@ -143,18 +143,18 @@ class Authenticator:
         ``insufficient_scope`` challenge adds its scope. None means a retry
         cannot help.
         """
-        wanted = scopes
+        requested = scopes
         fresh = challenges_from_response(response)
         bearer = next((c for c in fresh if c.scheme == "bearer"), None)
         if bearer is not None and bearer.params.get("error") == "insufficient_scope":
-            wanted = tuple(dict.fromkeys(wanted + bearer.scopes))
+            requested = tuple(dict.fromkeys(requested + bearer.scopes))
         with self._lock:
             if fresh:
                 self._challenges[host] = fresh
             challenge = self._preferred_locked(host)
             if challenge is not None and challenge.scheme == "bearer":
                 for key in (
-                    _token_key(challenge, wanted),
+                    _token_key(challenge, requested),
                     _token_key(challenge, scopes),
                 ):
                     cached = self._tokens.get(key)
@@ -164,7 +164,7 @@ class Authenticator:
             return None
         if challenge.scheme == "basic" and not self.credentials.has_basic:
             return None
-        return wanted
+        return requested
 
     def _preferred(self, host: str) -> Challenge | None:
         with self._lock:
@@ -214,9 +214,9 @@ class Authenticator:
             response = self._get_token(realm, challenge, scopes)
         if response.status_code == 401:
             response.close()
-            who = self.credentials.username or "anonymous"
+            user = self.credentials.username or "anonymous"
             raise AuthenticationError(
-                f"token server {realm} rejected the credentials of {who!r}; "
+                f"token server {realm} rejected the credentials of {user!r}; "
                 "check --creds or the auth file"
             )
         if response.status_code >= 300:

@@ -10,7 +10,7 @@ Layout, with every path in ``manifest.json`` relative to the cache root::
 
 Images share layers because blobs are named by digest. Layers are stored
 uncompressed and named by their diff_id, as ``docker save`` does, because
-the flattener then copies member data straight out of the file; the
+the flattener then copies member data straight out of the file. The
 compressed form is kept only with ``layer_storage="compressed"``. Every write
 goes to a temporary file in the same directory, is verified, and then
 renamed into place, so a blob that fails its digest never enters the cache.
@@ -231,7 +231,7 @@ class ImageCache:
         The update holds an exclusive flock, so concurrent pulls do not lose
         each other's entries.
         """
-        wanted = {
+        expected = {
             "Config": self.relative(config),
             "Layers": [self.relative(path) for path in layers],
         }
@@ -241,8 +241,8 @@ class ImageCache:
             target: dict[str, Any] | None = None
             for entry in entries:
                 same = (
-                    entry.get("Config") == wanted["Config"]
-                    and entry.get("Layers") == wanted["Layers"]
+                    entry.get("Config") == expected["Config"]
+                    and entry.get("Layers") == expected["Layers"]
                 )
                 if same and target is None:
                     target = entry
@@ -250,7 +250,7 @@ class ImageCache:
                 old = entry.get("RepoTags") or []
                 entry["RepoTags"] = [tag for tag in old if tag not in moving_tags]
             if target is None:
-                target = {"Config": wanted["Config"], "RepoTags": [], **wanted}
+                target = {"Config": expected["Config"], "RepoTags": [], **expected}
                 entries.append(target)
             old_tags = target.get("RepoTags") or []
             target["RepoTags"] = list(dict.fromkeys(old_tags + new_tags))

@@ -1,7 +1,7 @@
-"""Manifest media types, digests and parsing of registry manifests; pure.
+"""Parse registry manifests and check their digests, without any I/O.
 
-The media type comes from ``Content-Type`` when it names a manifest type;
-otherwise it is inferred from the body (``mediaType``, or ``schemaVersion``
+The media type comes from ``Content-Type`` when it names a manifest type.
+Otherwise it is inferred from the body (``mediaType``, or ``schemaVersion``
 with ``manifests`` or ``config``). Digests are always computed over the raw
 bytes as received, never over re-serialised JSON.
 """
@@ -92,7 +92,7 @@ class Manifest:
         return [parse_descriptor(item, f"layer of {self.digest}") for item in layers]
 
 
-def validate_digest(digest: object, what: str) -> str:
+def validate_digest(digest: object, context: str) -> str:
     """Return ``digest`` if it is a sha256 or sha512 digest in OCI form.
 
     Raises:
@@ -104,7 +104,7 @@ def validate_digest(digest: object, what: str) -> str:
         if pattern is not None and pattern.fullmatch(encoded):
             return digest
     raise InvalidInputError(
-        f"{what}: invalid digest {digest!r}, expected sha256:<64 lowercase hex>"
+        f"{context}: invalid digest {digest!r}, expected sha256:<64 lowercase hex>"
     )
 
 
@@ -113,18 +113,18 @@ def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
-def parse_descriptor(data: object, what: str) -> Descriptor:
+def parse_descriptor(data: object, context: str) -> Descriptor:
     """Parse a descriptor object, checking its digest and size.
 
     Raises:
         InvalidInputError: a field is missing or has the wrong type.
     """
     if not isinstance(data, dict):
-        raise InvalidInputError(f"{what}: expected a descriptor object")
-    digest = validate_digest(data.get("digest"), what)
+        raise InvalidInputError(f"{context}: expected a descriptor object")
+    digest = validate_digest(data.get("digest"), context)
     size = data.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise InvalidInputError(f"{what}: invalid size {size!r} for {digest}")
+        raise InvalidInputError(f"{context}: invalid size {size!r} for {digest}")
     return Descriptor(str(data.get("mediaType") or ""), digest, size)
 
 

@@ -1,10 +1,10 @@
 """Pull images into the local cache, save them as archives, inspect them.
 
 ``pull`` resolves a reference to one image manifest for the requested
-platform (descending through indexes), fetches its config and layers into
-the cache, and records it in the cache's ``manifest.json`` under two tags:
-the reference's own tag, which moves to the image pulled last, and a tag
-``NAME:sha256-<manifest hex>`` that names this exact image and never moves.
+platform, descending through indexes. It fetches the config and layers into
+the cache and records the image in the cache's ``manifest.json`` under two
+tags. The reference's own tag moves to the image pulled last, while the tag
+``NAME:sha256-<manifest hex>`` names this exact image and never moves.
 A second pull of a cached image downloads no blobs; a reference pinned by
 digest whose image is complete in the cache needs no network at all.
 """
@@ -77,7 +77,7 @@ _LAYER_TYPES = {
 
 @dataclass(frozen=True)
 class PullOptions:
-    """Where to cache, which platform, and how to reach the registry."""
+    """Options of a pull: platform, cache directory and registry access."""
 
     platform: Platform
     cache_dir: Path
@@ -143,7 +143,7 @@ def save(
 ) -> None:
     """Pull an image and write it as a docker-archive tar to ``output``.
 
-    The tar holds ``manifest.json`` with RepoTags, the config and the layers
+    The tar contains ``manifest.json`` with RepoTags, the config and the layers
     under ``blobs/sha256/``, and an OCI layout (``oci-layout``,
     ``index.json``) describing the same blobs. ``-`` writes to stdout;
     a file is written under a temporary name and renamed when complete.

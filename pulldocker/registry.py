@@ -3,7 +3,7 @@
 Every request goes through ``_request``, which adds ``Authorization`` and,
 after a 401 or 403, lets the authenticator fetch a fresh token and retries
 once. Blobs are streamed to a file in 1 MiB chunks while their size and
-digest are checked; a dropped connection resumes with ``Range`` from the
+digest are checked. A dropped connection resumes with ``Range`` from the
 bytes already written.
 """
 
@@ -48,7 +48,7 @@ class RegistryClient:
 
         Raises:
             NetworkError: the registry cannot be reached.
-            RegistryError: ``/v2/`` answered with an unexpected status.
+            RegistryError: ``/v2/`` returned an unexpected status.
         """
         response = self.transport.ping_response(self.host)
         response.close()
@@ -218,7 +218,8 @@ class RegistryClient:
                 return response
             logger.debug("retrying %s %s with a fresh token", method, path)
             response.close()
-            scopes = retry_scopes
+            # Keep a widened scope so later requests reuse the same token.
+            scopes = self.scopes = retry_scopes
         raise AssertionError("unreachable")  # pragma: no cover
 
 

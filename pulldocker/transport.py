@@ -52,7 +52,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
-# Connect and read timeouts in seconds; a read timeout bounds each socket
+# Connect and read timeouts in seconds. The read timeout bounds each socket
 # read, not a whole blob transfer.
 DEFAULT_TIMEOUT = (30.0, 120.0)
 MAX_REDIRECTS = 10
@@ -199,7 +199,9 @@ class Transport:
         with _translate(response.url):
             yield from response.raw.stream(CHUNK_SIZE, decode_content=False)
 
-    def read_body(self, response: requests.Response, limit: int, what: str) -> bytes:
+    def read_body(
+        self, response: requests.Response, limit: int, description: str
+    ) -> bytes:
         """Read a whole body of at most ``limit`` bytes.
 
         Raises:
@@ -213,7 +215,7 @@ class Transport:
             if size > limit:
                 response.close()
                 raise LimitExceededError(
-                    f"{what} is larger than the {limit} byte limit"
+                    f"{description} is larger than the {limit} byte limit"
                 )
             parts.append(chunk)
         return b"".join(parts)
@@ -288,7 +290,7 @@ class Transport:
                     logger.warning("TLS verification is off for %s (--insecure)", host)
                 return f"{scheme}://{host}", response
             if response.status_code == 400 and scheme == "http":
-                continue  # a TLS server answering plain HTTP
+                continue  # a TLS server responding to plain HTTP with 400
             self._unverified_hosts.discard(host)
         if failure is not None:
             raise failure
@@ -335,11 +337,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def error_from_response(response: requests.Response, what: str) -> PulldockerError:
+def error_from_response(
+    response: requests.Response, description: str
+) -> PulldockerError:
     """Build the error for a failed response, reading a capped JSON body."""
     status = response.status_code
     codes, detail = _parse_error_body(response)
-    summary = f"{what}: HTTP {status}"
+    summary = f"{description}: HTTP {status}"
     if codes:
         summary += f" {', '.join(codes)}"
     if detail:
@@ -386,7 +390,7 @@ def _retry_after(response: requests.Response, fallback: float, cap: float) -> fl
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     seconds = (when - datetime.now(UTC)).total_seconds()
-    # A date in the past says nothing useful, so back off as usual.
+    # A date in the past gives no usable delay, so back off as usual.
     return min(seconds, cap) if seconds > 0 else fallback
 
 

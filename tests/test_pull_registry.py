@@ -302,3 +302,25 @@ def test_concurrent_pulls_share_one_cache(
     tags = {tag for entry in entries for tag in entry["RepoTags"]}
     for number in range(4):
         assert f"{plain_registry.host}/test/c:{number}" in tags
+
+
+def test_cache_dir_is_a_docker_archive(
+    plain_registry: Registry, small_image: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    archive, diff_ids = small_image
+    plain_registry.push(f"docker-archive:{archive}", "test/small:archive")
+    cache = tmp_path / "cache"
+    cached = pull(
+        f"{plain_registry.host}/test/small:archive",
+        options(cache, plain_registry),
+        NullProgress(),
+    )
+    packed = tmp_path / "cache.tar"
+    with tarfile.open(packed, "w") as tar:
+        tar.add(cache / "manifest.json", "manifest.json")
+        tar.add(cache / "blobs", "blobs")
+    result = subprocess.run(
+        ["skopeo", "inspect", f"docker-archive:{packed}:{cached.image}"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert json.loads(result.stdout)["Layers"] == diff_ids

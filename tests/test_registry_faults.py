@@ -426,7 +426,7 @@ def test_huge_blob_streams_in_bounded_memory(
     assert peak < 32 << 20
 
 
-def test_token_refresh_uses_post_and_falls_back_to_get(
+def test_token_refresh_post_falls_back_to_get(
     tmp_path: Path,
 ) -> None:
     with responses.RequestsMock() as rsps:
@@ -497,3 +497,24 @@ def test_concurrent_pulls_record_both_images(
     assert errors == []
     entries = json.loads((cache / "manifest.json").read_text())
     assert len(entries) == 2
+
+
+def test_insufficient_scope_widens_token(fake: FakeRegistry, tmp_path: Path) -> None:
+    fake.token_auth = False
+    image = make_image()
+    fake.serve_image(image)
+    url = f"{BASE}/v2/{REPO}/blobs/{sha256(image.config)}"
+    fake.rsps.remove(responses.GET, url)
+    extra = "repository:team/base:pull"
+    challenge = f'Bearer realm="{REALM}",scope="{extra}",error="insufficient_scope"'
+    fake.rsps.add(
+        responses.GET, url, status=403, headers={"WWW-Authenticate": challenge}
+    )
+    fake.rsps.add(responses.GET, url, body=image.config)
+    pull(REF, fake_options(tmp_path / "cache"), quiet())
+    token_urls = [
+        c.request.url or "" for c in fake.rsps.calls if REALM in (c.request.url or "")
+    ]
+    assert len(token_urls) == 2
+    assert "team%2Fbase" in token_urls[1]
+    assert "team%2Fapp" in token_urls[1]
