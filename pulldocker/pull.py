@@ -371,6 +371,8 @@ def _fetch_layer(
         logger.info("layer %s is cached", descriptor.digest)
         progress.finish(key, "cached")
         return found
+    # NOTE: descriptor "urls" of foreign layers are not tried. The blob is
+    # always fetched from the registry, which fails for Windows base layers.
     with cache.temp_file() as (file, _):
         client.download_blob(descriptor, file, progress)
         path = cache.store_layer(file, descriptor.digest, diff_id)

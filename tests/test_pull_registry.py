@@ -1,4 +1,5 @@
 import json
+import logging
 import subprocess
 import tarfile
 import threading
@@ -13,7 +14,11 @@ from registry_helpers import (
     build_multiplatform_layout,
 )
 
-from pulldocker.errors import NetworkError, PlatformNotFoundError
+from pulldocker.errors import (
+    AuthenticationError,
+    NetworkError,
+    PlatformNotFoundError,
+)
 from pulldocker.platform import Platform
 from pulldocker.progress import NullProgress
 from pulldocker.pull import PullOptions, inspect, pull, save
@@ -324,3 +329,48 @@ def test_cache_dir_is_a_docker_archive(
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     assert json.loads(result.stdout)["Layers"] == diff_ids
+
+
+def test_token_auth_wrong_password_is_rejected(
+    token_registry: Registry, small_image: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    archive, _ = small_image
+    token_registry.push(f"docker-archive:{archive}", "test/small:tokenbad")
+    ref = f"{token_registry.host}/test/small:tokenbad"
+    opts = options(tmp_path / "cache", token_registry, password="not-it")
+    with pytest.raises(AuthenticationError, match="rejected the credentials"):
+        pull(ref, opts, NullProgress())
+
+
+def test_token_pull_logs_no_secrets(
+    token_registry: Registry,
+    small_image: tuple[Path, list[str]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    archive, _ = small_image
+    token_registry.push(f"docker-archive:{archive}", "test/small:logs")
+    caplog.set_level(logging.DEBUG)
+    ref = f"{token_registry.host}/test/small:logs"
+    pull(ref, options(tmp_path / "cache", token_registry), NullProgress())
+    text = caplog.text
+    assert "GET" in text
+    assert token_registry.password is not None
+    assert token_registry.password not in text
+    assert "Bearer ey" not in text
+    assert "Basic " not in text
+
+
+def test_save_to_stdout(
+    plain_registry: Registry,
+    small_image: tuple[Path, list[str]],
+    tmp_path: Path,
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    archive, diff_ids = small_image
+    plain_registry.push(f"docker-archive:{archive}", "test/small:stdout")
+    opts = options(tmp_path / "cache", plain_registry)
+    save(f"{plain_registry.host}/test/small:stdout", "-", opts, NullProgress())
+    output = tmp_path / "from-stdout.tar"
+    output.write_bytes(capsysbinary.readouterr().out)
+    assert archive_diff_ids(output) == diff_ids
