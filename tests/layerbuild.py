@@ -134,8 +134,15 @@ def parse_entry(spec: str | bytes | Entry) -> Entry:
     return Entry(spec)
 
 
-def layer(*specs: str | bytes | Entry, fmt: str = "pax") -> bytes:
-    """Return an uncompressed layer tar holding ``specs`` in order."""
+def layer(
+    *specs: str | bytes | Entry,
+    fmt: str = "pax",
+    global_pax: dict[str, str] | None = None,
+) -> bytes:
+    """Return an uncompressed layer tar holding ``specs`` in order.
+
+    ``global_pax`` records go into a global (``g``) header before the members.
+    """
     buffer = io.BytesIO()
     with tarfile.open(
         fileobj=buffer,
@@ -143,6 +150,7 @@ def layer(*specs: str | bytes | Entry, fmt: str = "pax") -> bytes:
         format=_FORMATS[fmt],
         encoding="utf-8",
         errors="surrogateescape",
+        pax_headers=global_pax,
     ) as tar:
         for spec in specs:
             entry = parse_entry(spec)

@@ -9,14 +9,18 @@ are rejected, dangling symlinked parents are created at the target).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 from layerbuild import (
+    OCI_INDEX,
+    BlobStore,
     Case,
     Entry,
     Image,
@@ -24,15 +28,18 @@ from layerbuild import (
     compress,
     decompress,
     docker_archive,
+    docker_archive_files,
     expect,
     failure_text,
     flatten,
     layer,
+    oci_index,
     oci_layout,
     read_tree,
     run_cli,
     sha256,
     strip_trailer,
+    write_files,
 )
 
 RULE_CASES = {
@@ -723,3 +730,281 @@ def test_matches_umoci(tmp_path: Path, layers: list[list[str | Entry]]) -> None:
     theirs = {path: value for path, value in theirs.items() if value[0] != "?"}
     assert ours == theirs
     assert tree.links == their_links
+
+
+# -- more encodings --------------------------------------------------------------------
+
+MORE_CASES = {
+    "whiteout-stored-as-hardlink": Case(
+        [['a "1"', 'b "2"'], [Entry(".wh.a", "hardlink", link="b")]],
+        ['b "2"'],
+    ),
+    "whiteout-stored-as-symlink": Case(
+        [['a "1"', 'b "2"'], [".wh.a -> b"]],
+        ['b "2"'],
+    ),
+    "whiteout-stored-as-dir": Case(
+        [["a/", 'a/x "1"', 'b "2"'], [".wh.a/"]],
+        ['b "2"'],
+    ),
+    "dot-names-are-ordinary": Case(
+        [['... "3"', '..a "a"', 'a.. "b"', ".hidden/", '.hidden/..x "x"']],
+        ['... "3"', '..a "a"', ".hidden/", '.hidden/..x "x"', 'a.. "b"'],
+    ),
+    "non-utf8-long-name": Case(
+        [[Entry(b"n" * 120 + b"\xff/" + b"o" * 150, data=b"1")]],
+        [
+            Entry(b"n" * 120 + b"\xff/", "dir"),
+            Entry(b"n" * 120 + b"\xff/" + b"o" * 150, data=b"1"),
+        ],
+    ),
+    "non-utf8-link-targets": Case(
+        [
+            [
+                Entry(b"d\xff/", "dir"),
+                Entry(b"d\xff/f", data=b"1"),
+                Entry(b"g", "hardlink", link=b"d\xff/f"),
+                Entry("s", "symlink", link=b"/t\xfe" * 40),
+            ]
+        ],
+        [
+            Entry(b"d\xff/", "dir"),
+            Entry(b"d\xff/f", data=b"1"),
+            Entry(b"g", "hardlink", link=b"d\xff/f"),
+            Entry("s", "symlink", link=b"/t\xfe" * 40),
+        ],
+    ),
+    "xattrs-on-dir-and-symlink": Case(
+        [
+            [
+                Entry("d/", "dir", xattrs={"user.d": b"\x00\xff"}),
+                Entry("s", "symlink", link="d", xattrs={"user.s": b"v"}),
+            ]
+        ],
+        [
+            Entry("d/", "dir", xattrs={"user.d": b"\x00\xff"}),
+            Entry("s", "symlink", link="d", xattrs={"user.s": b"v"}),
+        ],
+    ),
+    "repeated-layer-applied-twice": Case(
+        [['a "1"'], ['b "2"'], [".wh.b"], ['b "2"']],
+        ['a "1"', 'b "2"'],
+    ),
+    "whiteout-then-link-to-removed": Case(
+        [['f "x"'], ["g => f", ".wh.f"]],
+        ['g "x"'],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", MORE_CASES.values(), ids=MORE_CASES.keys())
+def test_layer_encoding(tmp_path: Path, case: Case) -> None:
+    archive = docker_archive(tmp_path / "image.tar", case.image())
+    result, output = flatten(archive, tmp_path / "out")
+    assert result.returncode == 0, failure_text(result)
+    tree = read_tree(output)
+    wanted = expect(*case.expected)
+    assert tree.entries == wanted.entries
+    assert tree.links == wanted.links
+    assert tree.problems == []
+
+
+def test_entries_below_whiteout_name_dropped(tmp_path: Path) -> None:
+    image = Image([layer('a "1"', 'b "2"'), layer(".wh.a/", '.wh.a/x "x"')])
+    archive = docker_archive(tmp_path / "image.tar", image)
+    result, output = flatten(archive, tmp_path / "out")
+    assert result.returncode == 0, failure_text(result)
+    tree = read_tree(output)
+    assert tree.entries == expect('b "2"').entries
+    assert tree.problems == []
+
+
+# Docker and containerd read layers with Go's archive/tar, which returns a
+# global header as a member of its own; moby's UnpackLayer then ignores it.
+@pytest.mark.parametrize(
+    "records",
+    [{"uid": "1234", "gid": "1234"}, {"comment": "0123abcd"}, {"path": "renamed"}],
+    ids=["ids", "comment", "path"],
+)
+def test_global_pax_header_ignored(tmp_path: Path, records: dict[str, str]) -> None:
+    blob = layer("d/", 'd/f "1"', 'g "2"', global_pax=records)
+    assert blob[156:157] == b"g"
+    archive = docker_archive(tmp_path / "image.tar", Image([blob]))
+    result, output = flatten(archive, tmp_path / "out")
+    assert result.returncode == 0, failure_text(result)
+    assert read_tree(output).entries == expect("d/", 'd/f "1"', 'g "2"').entries
+
+
+def _many_segment_layer(tmp_path: Path, *tar_args: str) -> tuple[bytes, bytes]:
+    """Make a GNU tar layer with a 60-segment sparse file (extended maps)."""
+    source = tmp_path / "many-src"
+    source.mkdir()
+    path = source / "holes"
+    with path.open("wb") as handle:
+        for index in range(60):
+            handle.seek(index * 65536 + 4096)
+            handle.write(b"%04d" % index)
+        handle.truncate(60 * 65536 + 8192)
+    content = path.read_bytes()
+    out = tmp_path / "many.tar"
+    subprocess.run(
+        ["tar", "--sparse", *tar_args, "--owner=0", "--group=0", "--numeric-owner"]
+        + ["-cf", str(out), "-C", str(source), "holes"],
+        check=True,
+    )
+    return out.read_bytes(), content
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+@pytest.mark.parametrize("args", SPARSE_FORMATS.values(), ids=SPARSE_FORMATS.keys())
+def test_sparse_many_segments(tmp_path: Path, args: tuple[str, ...]) -> None:
+    blob, content = _many_segment_layer(tmp_path, *args)
+    assert len(blob) < len(content)
+    archive = docker_archive(tmp_path / "image.tar", Image([blob]))
+    result, output = flatten(archive, tmp_path / "out")
+    assert result.returncode == 0, failure_text(result)
+    assert read_tree(output).entries["holes"][4] == content
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+@pytest.mark.parametrize("args", SPARSE_FORMATS.values(), ids=SPARSE_FORMATS.keys())
+def test_sparse_all_hole(tmp_path: Path, args: tuple[str, ...]) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "empty").write_bytes(b"")
+    os.truncate(source / "empty", 1 << 20)
+    out = tmp_path / "hole.tar"
+    subprocess.run(
+        ["tar", "--sparse", *args, "-cf", str(out), "-C", str(source), "empty"],
+        check=True,
+    )
+    archive = docker_archive(tmp_path / "image.tar", Image([out.read_bytes()]))
+    result, output = flatten(archive, tmp_path / "out")
+    assert result.returncode == 0, failure_text(result)
+    assert read_tree(output).entries["empty"][4] == bytes(1 << 20)
+
+
+# -- archive forms ---------------------------------------------------------------------
+
+
+def test_symlinked_layer_member(tmp_path: Path) -> None:
+    first, second = layer('a "1"'), layer('b "2"')
+    image = Image([first, second, first])
+    files = docker_archive_files([image])
+    manifest = json.loads(files["manifest.json"])
+    manifest[0]["Layers"][2] = "dup/layer.tar"
+    files["manifest.json"] = json.dumps(manifest).encode()
+    archive = tmp_path / "image.tar"
+    write_files(archive, files)
+    with tarfile.open(archive, "a") as tar:
+        info = tarfile.TarInfo("dup/layer.tar")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "../" + manifest[0]["Layers"][0]
+        tar.addfile(info)
+    result, output = flatten(archive, tmp_path / "out")
+    assert result.returncode == 0, failure_text(result)
+    assert read_tree(output).entries == expect('a "1"', 'b "2"').entries
+
+
+def test_repeated_gzip_blob_in_layout(tmp_path: Path) -> None:
+    blob = compress(layer('a "1"'), "gzip")
+    image = Image([blob, compress(layer(".wh.a"), "gzip"), blob])
+    layout = oci_layout(tmp_path / "layout", image)
+    result, output = flatten(layout, tmp_path / "out")
+    assert result.returncode == 0, failure_text(result)
+    assert read_tree(output).entries == expect('a "1"').entries
+
+
+def test_nested_index_with_attestation(tmp_path: Path) -> None:
+    store = BlobStore()
+    amd64 = store.add_image(Image([compress(layer('arch "amd64"'), "gzip")]))
+    arm64 = store.add_image(
+        Image([compress(layer('arch "arm64"'), "gzip")], architecture="arm64")
+    )
+    attestation = store.add_image(
+        Image(
+            [b"{}"],
+            os="unknown",
+            architecture="unknown",
+            media_types=["application/vnd.in-toto+json"],
+            diff_ids=["sha256:" + "0" * 64],
+        ),
+        annotations={"vnd.docker.reference.type": "attestation-manifest"},
+    )
+    inner = store.add(oci_index([attestation, arm64, amd64]), OCI_INDEX)
+    inner["annotations"] = {"org.opencontainers.image.ref.name": "1"}
+    files = {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}'}
+    files["index.json"] = oci_index([inner])
+    files.update(store.files)
+    layout = write_files(tmp_path / "layout.tar", files)
+    result, output = flatten(layout, tmp_path / "out", "--platform", "linux/arm64")
+    assert result.returncode == 0, failure_text(result)
+    assert read_tree(output).entries == expect('arch "arm64"').entries
+
+
+@pytest.mark.parametrize(("platform", "code"), [("linux/arm64", 0), ("linux/amd64", 4)])
+def test_docker_archive_platform_check(
+    tmp_path: Path, platform: str, code: int
+) -> None:
+    image = Image([layer('a "1"')], architecture="arm64")
+    archive = docker_archive(tmp_path / "image.tar", image)
+    result, _ = flatten(archive, tmp_path / "out", "--platform", platform)
+    assert result.returncode == code, failure_text(result)
+
+
+def test_failure_keeps_existing_output(tmp_path: Path) -> None:
+    wrong = "sha256:" + "0" * 64
+    image = Image([layer('a "1"')], diff_ids=[wrong])
+    archive = docker_archive(tmp_path / "image.tar", image)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "rootfs.tar").write_bytes(b"old")
+    result, output = flatten(archive, out_dir)
+    assert result.returncode == 7, failure_text(result)
+    assert output.read_bytes() == b"old"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["rootfs.tar"]
+
+
+def test_missing_output_dir_fails(tmp_path: Path) -> None:
+    archive = docker_archive(tmp_path / "image.tar", Image([layer('a "1"')]))
+    result = run_cli(archive, "-o", tmp_path / "nowhere" / "rootfs.tar")
+    assert result.returncode == 2, failure_text(result)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_entry_order_same_bytes(tmp_path: Path) -> None:
+    specs = ["z/", 'z/b "2"', 'a "1"', "z/h => a", "l -> z"]
+    forward = docker_archive(tmp_path / "f.tar", Image([layer(*specs)]))
+    shuffled = ["l -> z", 'a "1"', 'z/b "2"', "z/h => a", "z/"]
+    backward = docker_archive(tmp_path / "b.tar", Image([layer(*shuffled)]))
+    first, out1 = flatten(forward, tmp_path / "one")
+    second, out2 = flatten(backward, tmp_path / "two")
+    assert first.returncode == 0, failure_text(first)
+    assert second.returncode == 0, failure_text(second)
+    assert out1.read_bytes() == out2.read_bytes()
+
+
+def test_long_whiteout_name(tmp_path: Path) -> None:
+    directory = "w" * 90
+    victim = "v" * 150
+    image = Image(
+        [
+            layer(f"{directory}/", f'{directory}/{victim} "1"', f'{directory}/k "k"'),
+            layer(f"{directory}/.wh.{victim}", fmt="gnu"),
+        ]
+    )
+    archive = docker_archive(tmp_path / "image.tar", image)
+    result, output = flatten(archive, tmp_path / "out")
+    assert result.returncode == 0, failure_text(result)
+    wanted = expect(f"{directory}/", f'{directory}/k "k"')
+    assert read_tree(output).entries == wanted.entries
+
+
+def test_max_layer_size_enforced(tmp_path: Path) -> None:
+    blob = compress(layer(Entry("big", data=bytes(4 << 20))), "gzip")
+    archive = docker_archive(tmp_path / "image.tar", Image([blob]))
+    out_dir = tmp_path / "out"
+    result, _ = flatten(archive, out_dir, "--max-layer-size", "1M")
+    assert result.returncode == 8, failure_text(result)
+    assert clean_failure_problems(result, out_dir) == []
