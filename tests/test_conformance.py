@@ -29,7 +29,10 @@ from pathlib import Path
 
 import pytest
 from harness import (
+    CLI_TIMEOUT,
     PUBLIC_FIXTURES,
+    PULLDOCKER,
+    REPO,
     describe_failure,
     load_builder,
     missing_tools,
@@ -484,3 +487,26 @@ def test_fixture_matches_umoci(case: Case, tmp_path: Path) -> None:
     actual = format_lines(list_tar(out))
     expected = format_lines(list_dir(reference, rootless=True))
     assert actual == expected, tree_diff(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "relative", ["trivy/alpine-310.tar.gz", "dive/test-docker-image.tar"]
+)
+def test_fixture_from_stdin_same_tree(relative: str, tmp_path: Path) -> None:
+    from_path = tmp_path / "from-path.tar"
+    from_stdin = tmp_path / "from-stdin.tar"
+    path_result = run_pulldocker(PUBLIC_FIXTURES / relative, "-o", from_path, "-q")
+    assert path_result.returncode == 0, describe_failure(path_result)
+
+    with open(PUBLIC_FIXTURES / relative, "rb") as stdin:
+        stdin_result = subprocess.run(
+            [*PULLDOCKER, "-", "-o", str(from_stdin), "-q"],
+            cwd=REPO,
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+        )
+
+    assert stdin_result.returncode == 0, describe_failure(stdin_result)
+    assert format_lines(list_tar(from_stdin)) == format_lines(list_tar(from_path))

@@ -143,6 +143,43 @@ def test_demo_output_extracts_with_gnu_tar(demo_output: Path) -> None:
     assert actual == expected, tree_diff(actual, expected)
 
 
+def readme_first_command() -> str:
+    """Return the README's install-and-convert command line."""
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("pip install . && pulldocker "):
+            return line
+    raise AssertionError("README.md has no 'pip install . && pulldocker' line")
+
+
+def test_readme_first_command_runs(tmp_path: Path) -> None:
+    command = readme_first_command().split(" && ", 1)[1].split()
+    assert command[0] == "pulldocker"
+    (tmp_path / "fixtures").mkdir()
+    shutil.copyfile(DEMO, tmp_path / command[1])
+
+    # The package is already installed for the tests, so run the module.
+    result = subprocess.run(
+        [*PULLDOCKER, *command[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / command[command.index("-o") + 1]
+    assert format_lines(list_tar(out)) == expected_lines()
+
+
+def test_readme_test_command_matches_ci() -> None:
+    readme = (REPO / "README.md").read_text()
+    ci_script = (REPO / ".ci" / "run").read_text()
+
+    assert "TEST_COMMAND=(python3 -m pytest)" in ci_script
+    assert "```sh\npython3 -m pytest\n```" in readme
+
+
 @pytest.mark.umoci
 def test_demo_expected_tree_matches_umoci(tmp_path: Path) -> None:
     missing = missing_tools("skopeo", "umoci")
