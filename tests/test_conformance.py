@@ -510,3 +510,23 @@ def test_fixture_from_stdin_same_tree(relative: str, tmp_path: Path) -> None:
 
     assert stdin_result.returncode == 0, describe_failure(stdin_result)
     assert format_lines(list_tar(from_stdin)) == format_lines(list_tar(from_path))
+
+
+# The dive OCI images hold one layer with only README.md, stored uncompressed,
+# as gzip, as eStargz and as zstd. This line was read from the uncompressed
+# layer with GNU tar and sha256sum.
+DIVE_README_LINE = (
+    "README.md\tf\t0644\t0:0\t11189\t"
+    "f8b8addc28295c264c4d32a90e4a1dc34160f2c150f8f9c5f4f7906ea8bf27dc\t-\t-\t1737059232"
+)
+
+
+@pytest.mark.parametrize("compression", ["uncompressed", "gzip", "estargz", "zstd"])
+def test_dive_oci_image_hand_expectation(compression: str, tmp_path: Path) -> None:
+    source = PUBLIC_FIXTURES / f"dive/test-oci-{compression}-image.tar"
+    out = tmp_path / "rootfs.tar"
+
+    result = run_pulldocker(source, "-o", out, "-q", "--platform", "linux/arm64")
+
+    assert result.returncode == 0, describe_failure(result)
+    assert format_lines(list_tar(out)) == [DIVE_README_LINE]
