@@ -341,8 +341,8 @@ def test_layer_rule_error(tmp_path: Path, layers: list[list[str]], code: int) ->
     assert clean_failure_problems(result, tmp_path / "out") == []
 
 
-# Docker rejects this target (it joins it to the root before cleaning) and
-# containerd clamps it to "a"; either is safe, an escaping link is not.
+# Docker rejects this target because it joins it to the root before cleaning.
+# containerd clamps it to "a". Either is safe, but an escaping link is not.
 def test_rooted_dotdot_link_target(tmp_path: Path) -> None:
     archive = docker_archive(
         tmp_path / "image.tar", Image([layer('a "1"', "h => /../a")])
