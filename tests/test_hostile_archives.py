@@ -724,3 +724,14 @@ def test_output_stays_out_of_cwd(ws: Workspace) -> None:
     assert list(ws.canary.iterdir()) == []
     shutil.rmtree(ws.out)
     ws.out.mkdir()
+
+
+def test_compressed_archive_bomb_hits_limit(ws: Workspace) -> None:
+    layer = tar_bytes([file("zeros", bytes(64 * 1024 * 1024))])
+    plain = docker_archive(ws.input / "plain.tar", [layer])
+    packed = ws.input / "image.tar.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes(), compresslevel=9))
+    plain.unlink()
+    assert packed.stat().st_size < 100_000
+    result = convert(ws, packed, "--max-layer-size", "1M")
+    assert_one_line_error(result, EXIT_LIMIT, ws)
