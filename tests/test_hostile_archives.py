@@ -156,7 +156,7 @@ def test_hardlink_outside_rejected(ws: Workspace, target: str) -> None:
 
 
 def test_hardlink_absolute_missing_rejected(ws: Workspace) -> None:
-    stderr = expect_error(ws, [tar_bytes([hardlink("h", "/etc/passwd")])], 3)
+    stderr = expect_error(ws, [tar_bytes([hardlink("h", "/etc/passwd")])], EXIT_INVALID)
     assert "does not exist" in stderr
 
 
