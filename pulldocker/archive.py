@@ -122,7 +122,7 @@ class Archive:
         data = os.pread(fd, size, offset)
         try:
             return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidInputError(
                 f"{self.label}: {what} {path!r} is not valid JSON ({exc})"
             ) from None
@@ -266,8 +266,8 @@ class Archive:
         for _ in range(_MAX_INDEX_DEPTH):
             document = self._read_blob_json(descriptor, "manifest")
             is_index = (
-                descriptor.get("mediaType") in INDEX_TYPES
-                or document.get("mediaType") in INDEX_TYPES
+                _text(descriptor.get("mediaType")) in INDEX_TYPES
+                or _text(document.get("mediaType")) in INDEX_TYPES
                 or ("manifests" in document and "layers" not in document)
             )
             if not is_index:
@@ -287,7 +287,7 @@ class Archive:
             raise InvalidInputError(
                 f"{self.label}: manifest of {name} needs config and layers"
             )
-        config_type = config_descriptor.get("mediaType")
+        config_type = _text(config_descriptor.get("mediaType"))
         if config_type not in _IMAGE_CONFIG_TYPES:
             raise UnsupportedError(
                 f"{self.label}: {name} is not a container image (its config has "
@@ -301,7 +301,7 @@ class Archive:
                 raise InvalidInputError(
                     f"{self.label}: layer descriptor {i} is invalid"
                 )
-            media_type = str(layer.get("mediaType") or "")
+            media_type = _text(layer.get("mediaType"))
             digest = layer.get("digest")
             algorithm, encoded = parse_digest(digest, f"{self.label}: layer {i + 1}")
             if any(hint in media_type for hint in _NON_LAYER_HINTS):
@@ -336,7 +336,7 @@ class Archive:
             )
         try:
             document = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidInputError(
                 f"{self.label}: {what} {digest} is not valid JSON ({exc})"
             ) from None
@@ -548,7 +548,7 @@ def _familiar(reference: str) -> str:
 
 def _index_selector(selector: str) -> int | None:
     text = selector[1:] if selector.startswith("@") else selector
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _choose_entry(
@@ -602,8 +602,18 @@ def _descriptor_list(document: Any, label: str) -> list[dict[str, Any]]:
     return manifests
 
 
+def _text(value: object) -> str:
+    """Return ``value`` if it is a string, else "" (for untrusted JSON fields)."""
+    return value if isinstance(value, str) else ""
+
+
+def _annotations(descriptor: Mapping[str, Any]) -> Mapping[str, Any]:
+    annotations = descriptor.get("annotations")
+    return annotations if isinstance(annotations, dict) else {}
+
+
 def _descriptor_name(descriptor: Mapping[str, Any]) -> str:
-    annotations = descriptor.get("annotations") or {}
+    annotations = _annotations(descriptor)
     return str(
         annotations.get("io.containerd.image.name")
         or annotations.get("org.opencontainers.image.ref.name")
@@ -620,8 +630,8 @@ def _choose_descriptor(
     usable = [
         d
         for d in descriptors
-        if d.get("mediaType") in INDEX_TYPES
-        or d.get("mediaType")
+        if _text(d.get("mediaType")) in INDEX_TYPES
+        or _text(d.get("mediaType"))
         in (
             "application/vnd.oci.image.manifest.v1+json",
             "application/vnd.docker.distribution.manifest.v2+json",
@@ -637,7 +647,7 @@ def _choose_descriptor(
             return usable[position]
         wanted = _familiar(selector)
         for descriptor in usable:
-            annotations = descriptor.get("annotations") or {}
+            annotations = _annotations(descriptor)
             ref_name = annotations.get("org.opencontainers.image.ref.name")
             full_name = annotations.get("io.containerd.image.name")
             candidates = [n for n in (ref_name, full_name) if isinstance(n, str)]
@@ -648,10 +658,12 @@ def _choose_descriptor(
             if selector == descriptor.get("digest"):
                 return descriptor
         names = ", ".join(_descriptor_name(d) for d in usable)
-        raise NotFoundError(f"{label}: no image named {selector!r}; it contains {names}")
+        raise NotFoundError(
+            f"{label}: no image named {selector!r}; it contains {names}"
+        )
     if len(usable) == 1:
         return usable[0]
-    if all(d.get("platform") for d in usable):
+    if all(isinstance(d.get("platform"), dict) for d in usable):
         return dict(select_manifests(usable, platform or host_platform(), label))
     names = "; ".join(f"[{i}] {_descriptor_name(d)}" for i, d in enumerate(usable))
     raise UsageError(

@@ -29,8 +29,9 @@ image-spec "Applying Changesets" section:
 
 Where runtimes differ, pulldocker takes the stricter choice and says so:
 
-* A name or hardlink target that climbs out of the root with ``..`` rejects
-  the image (Docker's "breakout" error); containerd would clamp it instead.
+* A relative name or hardlink target that climbs out of the root with
+  ``..`` rejects the image (Docker's "breakout" error); containerd would
+  clamp it instead. In an absolute name ``..`` stops at ``/`` in both.
 * A bare ``.wh.`` (an empty whiteout name) rejects the image, as containerd
   and the image-spec do; Docker would delete the parent directory.
 * A parent path through a dangling symlink creates the missing directories
@@ -189,10 +190,9 @@ def clean_name(name: bytes, label: str) -> tuple[bytes, ...]:
     if not name.startswith((b"/", b".")) and b"/." not in name and b"//" not in name:
         # Already clean, as almost every name in real layers is.
         return tuple(name.rstrip(b"/").split(b"/"))
-    stripped = name.lstrip(b"/")
-    if not stripped:
-        return ()
-    cleaned = posixpath.normpath(stripped)
+    # Clean first, as Docker does: in an absolute name ".." stops at "/", so
+    # "/../etc/x" is "etc/x", while a relative "../etc/x" leaves the root.
+    cleaned = posixpath.normpath(name).lstrip(b"/") or b"."
     if cleaned == b"..":
         raise UnsafePathError(f"{label}: tar name {name!r} leaves the root")
     if cleaned.startswith(b"../"):

@@ -243,41 +243,95 @@ def decompress_to_file(
     plain_hash = hashlib.new(algorithms[1])
     total = 0
     last_position = reader.position
-    try:
-        stream = open_decompressor(compression, reader)  # type: ignore[arg-type]
-        while True:
-            data = stream.read(_CHUNK)
-            if not data:
-                break
-            total += len(data)
-            if total > max_expanded:
-                raise LimitExceededError(
-                    f"{label}: expands to more than {max_expanded} bytes; "
-                    "raise the limit with --max-layer-size if the image is trusted"
-                )
-            plain_hash.update(data)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(out_fd, view) :]
-            if progress is not None:
-                progress(reader.position - last_position)
-                last_position = reader.position
-    except (EOFError, OSError, lzma.LZMAError, ValueError) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise  # a real I/O error (disk full), not corrupt data
-        raise InvalidInputError(
-            f"{label}: corrupt or truncated {compression} data ({exc})"
-        ) from None
-    except Exception as exc:  # zstandard.ZstdError is not an OSError
-        if type(exc).__name__ != "ZstdError":
-            raise
-        raise InvalidInputError(
-            f"{label}: corrupt or truncated zstd data ({exc})"
-        ) from None
+    stream = open_decompressor(compression, reader)  # type: ignore[arg-type]
+    while True:
+        data = _read_decompressed(stream, compression, label)
+        if not data:
+            break
+        total += len(data)
+        if total > max_expanded:
+            raise LimitExceededError(
+                f"{label}: expands to more than {max_expanded} bytes; "
+                "raise the limit with --max-layer-size if the image is trusted"
+            )
+        plain_hash.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(out_fd, view) :]
+        if progress is not None:
+            progress(reader.position - last_position)
+            last_position = reader.position
     reader.drain()
+    if compression == "zstd":
+        # The zstandard stream reader ends quietly at a cut-off frame.
+        check_zstd_frames(fd, offset, size, label)
     assert reader.hash is not None
     return Hashed(
         f"{algorithms[0]}:{reader.hash.hexdigest()}",
         f"{algorithms[1]}:{plain_hash.hexdigest()}",
         total,
     )
+
+
+def _read_decompressed(stream: BinaryIO, compression: str, label: str) -> bytes:
+    """Read the next chunk, turning any decoder complaint into InvalidInputError.
+
+    Each decoder has its own error types (zlib.error, IsalError, ZstdError,
+    LZMAError, EOFError, gzip.BadGzipFile, OSError without an errno), so only
+    an OSError carrying an errno, a real I/O failure, passes through.
+    """
+    try:
+        return stream.read(_CHUNK)
+    except OSError as exc:
+        if exc.errno is not None:
+            raise
+        reason: Exception = exc
+    except Exception as exc:
+        reason = exc
+    raise InvalidInputError(
+        f"{label}: corrupt or truncated {compression} data ({reason})"
+    ) from None
+
+
+def check_zstd_frames(fd: int, offset: int, size: int, label: str) -> None:
+    """Raise InvalidInputError unless the region is a run of complete zstd frames.
+
+    Only frame and block headers are read (RFC 8878, section 3.1), so the
+    walk costs one small read per 128 KiB block.
+    """
+    position, end = offset, offset + size
+
+    def need(length: int) -> bytes:
+        data = os.pread(fd, length, position)
+        if len(data) < length:
+            raise InvalidInputError(f"{label}: truncated zstd data")
+        return data
+
+    while position < end:
+        magic = int.from_bytes(need(4), "little")
+        if 0x184D2A50 <= magic <= 0x184D2A5F:
+            position += 4
+            position += 4 + int.from_bytes(need(4), "little")
+            continue
+        if magic != 0xFD2FB528:
+            raise InvalidInputError(f"{label}: corrupt zstd data (bad frame magic)")
+        position += 4
+        descriptor = need(1)[0]
+        single_segment = descriptor & 0x20
+        header = 1 + (0 if single_segment else 1)
+        header += (0, 1, 2, 4)[descriptor & 0x03]
+        header += (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
+        position += header
+        while True:
+            block = int.from_bytes(need(3), "little")
+            position += 3
+            kind, length = (block >> 1) & 0x03, block >> 3
+            if kind == 3:
+                raise InvalidInputError(f"{label}: corrupt zstd data (reserved block)")
+            position += 1 if kind == 1 else length
+            if block & 1:
+                break
+        if descriptor & 0x04:
+            position += 4
+        if position > end:
+            raise InvalidInputError(f"{label}: truncated zstd data")

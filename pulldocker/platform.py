@@ -147,11 +147,16 @@ def host_platform() -> Platform:
 
 def is_attestation(descriptor: Mapping[str, Any]) -> bool:
     """Tell whether an index entry is a BuildKit attestation manifest."""
-    annotations = descriptor.get("annotations") or {}
+    annotations = _mapping(descriptor.get("annotations"))
     if annotations.get("vnd.docker.reference.type") == "attestation-manifest":
         return True
-    platform = descriptor.get("platform") or {}
+    platform = _mapping(descriptor.get("platform"))
     return platform.get("os") == "unknown" or platform.get("architecture") == "unknown"
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    """Return ``value`` if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
 
 
 def select_manifests(
@@ -172,13 +177,15 @@ def select_manifests(
     available: list[str] = []
     nested: list[Mapping[str, Any]] = []
     for descriptor in descriptors:
-        media_type = descriptor.get("mediaType", "")
+        media_type = descriptor.get("mediaType")
+        if not isinstance(media_type, str):
+            continue
         if media_type in INDEX_TYPES and not descriptor.get("platform"):
             nested.append(descriptor)
             continue
         if media_type not in IMAGE_MANIFEST_TYPES or is_attestation(descriptor):
             continue
-        offered = Platform.from_json(descriptor.get("platform") or {})
+        offered = Platform.from_json(_mapping(descriptor.get("platform")))
         available.append(str(offered))
         if not wanted.accepts(offered):
             continue
