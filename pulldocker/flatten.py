@@ -243,8 +243,10 @@ class RootFS:
             return  # the root itself: layers cannot change its attributes
         base = parts[-1]
         if any(part.startswith(WHITEOUT_PREFIX) for part in parts[:-1]):
-            # No runtime can create such a directory: whiteout names never
-            # become real files, so nothing below one can exist either.
+            # Docker would create a directory named ".wh.X" here as an implied
+            # parent. NOTE: pulldocker drops the entry instead, so that no
+            # whiteout name ever reaches the output; the image-spec forbids
+            # such names as files.
             self.skipped_whiteout_dirs += 1
             logger.warning("%s: skipping %r below a whiteout name", label, entry.name)
             return
