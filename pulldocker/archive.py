@@ -36,7 +36,13 @@ from .errors import (
     UnsupportedError,
     UsageError,
 )
-from .layers import DigestCheck, decompress_to_file, detect_compression, parse_digest
+from .layers import (
+    DEFAULT_MAX_EXPANDED,
+    DigestCheck,
+    decompress_to_file,
+    detect_compression,
+    parse_digest,
+)
 from .platform import INDEX_TYPES, Platform, host_platform, select_manifests
 from .tarscan import DIRECTORY, HARDLINK, REGULAR_TYPES, SYMLINK, iter_entries
 
@@ -417,7 +423,12 @@ class TarArchive(Archive):
         return sorted(self.members)
 
 
-def open_archive(source: str, *, tmpdir: str | None = None) -> Archive:
+def open_archive(
+    source: str,
+    *,
+    tmpdir: str | None = None,
+    max_expanded: int = DEFAULT_MAX_EXPANDED,
+) -> Archive:
     """Open a path (tar, compressed tar or directory) or ``-`` for stdin.
 
     Raises:
@@ -425,7 +436,7 @@ def open_archive(source: str, *, tmpdir: str | None = None) -> Archive:
         InvalidInputError: the file is not a tar archive.
     """
     if source == "-":
-        return _spool_stream(sys.stdin.fileno(), "<stdin>", tmpdir)
+        return _spool_stream(sys.stdin.fileno(), "<stdin>", tmpdir, max_expanded)
     path = Path(source)
     if path.is_dir():
         return DirectoryArchive(path)
@@ -437,7 +448,7 @@ def open_archive(source: str, *, tmpdir: str | None = None) -> Archive:
         raise InvalidInputError(f"{source}: cannot open: {exc.strerror}") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
-        return _spool_stream(fd, source, tmpdir, close=True)
+        return _spool_stream(fd, source, tmpdir, max_expanded, close=True)
     compression = detect_compression(os.pread(fd, 8, 0))
     if compression == "none":
         try:
@@ -450,7 +461,15 @@ def open_archive(source: str, *, tmpdir: str | None = None) -> Archive:
             prefix="pulldocker-archive-", dir=tmpdir
         )
         os.unlink(spool_path)
-        decompress_to_file(fd, 0, info.st_size, compression, spool_fd, label=source)
+        decompress_to_file(
+            fd,
+            0,
+            info.st_size,
+            compression,
+            spool_fd,
+            label=source,
+            max_expanded=max_expanded,
+        )
     finally:
         os.close(fd)
     try:
@@ -461,7 +480,7 @@ def open_archive(source: str, *, tmpdir: str | None = None) -> Archive:
 
 
 def _spool_stream(
-    fd: int, label: str, tmpdir: str | None, close: bool = False
+    fd: int, label: str, tmpdir: str | None, max_expanded: int, close: bool = False
 ) -> Archive:
     """Copy a pipe to an unlinked temp file, decompressing it if needed."""
     raw_fd, raw_path = tempfile.mkstemp(prefix="pulldocker-stdin-", dir=tmpdir)
@@ -487,7 +506,15 @@ def _spool_stream(
     spool_fd, spool_path = tempfile.mkstemp(prefix="pulldocker-archive-", dir=tmpdir)
     os.unlink(spool_path)
     try:
-        decompress_to_file(raw_fd, 0, size, compression, spool_fd, label=label)
+        decompress_to_file(
+            raw_fd,
+            0,
+            size,
+            compression,
+            spool_fd,
+            label=label,
+            max_expanded=max_expanded,
+        )
     finally:
         os.close(raw_fd)
     return TarArchive(spool_fd, os.fstat(spool_fd).st_size, label)

@@ -297,7 +297,8 @@ def _build_parser(first: str) -> argparse.ArgumentParser:
         "--max-layer-size",
         type=_parse_size,
         default="256G",
-        help="largest uncompressed size accepted per layer (default 256G)",
+        help="largest size that one compressed layer, or an archive compressed "
+        "whole, may expand to; K, M, G or T suffix (default 256G)",
     )
     parser.add_argument("--tmpdir", help="directory for temporary files")
     _add_common(parser)

@@ -102,7 +102,7 @@ def convert(
     """
     progress = progress or NullProgress()
     kind = compression_for(output, compression)
-    with open_archive(source, tmpdir=tmpdir) as archive:
+    with open_archive(source, tmpdir=tmpdir, max_expanded=max_layer_size) as archive:
         chosen = archive.select_image(image, platform)
         with _Output(output, kind) as out:
             with ThreadPoolExecutor(max_workers=2) as pool:
