@@ -1,6 +1,6 @@
 """Apply image layers, base first, to an in-memory tree of the root filesystem.
 
-The tree holds metadata and the location of each file's data, never the data,
+The tree stores metadata and the location of each file's data, never the data,
 so memory grows with the number of paths and not with file sizes. The rules
 are those of Docker's layer unpacking (moby ``pkg/archive``) and the OCI
 image-spec "Applying Changesets" section:
@@ -82,11 +82,12 @@ _KIND_OF_TYPE = {
 
 
 class Inode:
-    """A file's metadata and where its content is; hardlinked names share one.
+    """A file's metadata and the location of its content.
 
-    ``source`` is the index of the file that holds the data (see
-    ``RootFS.sources``), ``offset`` the position of the data in it, and
-    ``sparse`` the segments of a sparse member, if any.
+    Hardlinked names share one inode. ``source`` is the number of the file
+    that contains the data (given to ``RootFS.apply_layer``), ``offset`` the
+    position of the data in it, and ``sparse`` the segments of a sparse
+    member, if any.
     """
 
     __slots__ = (
@@ -205,8 +206,8 @@ def clean_name(name: bytes, label: str) -> tuple[bytes, ...]:
 class RootFS:
     """The root filesystem tree that layers are applied to, base layer first.
 
-    ``sources`` lists the files (by an opaque label) that hold member data;
-    ``Inode.source`` indexes it.
+    Each regular file's ``Inode.source`` is the number its layer was applied
+    with, so the caller maps it back to the file that contains the data.
     """
 
     def __init__(self) -> None:
@@ -250,10 +251,12 @@ class RootFS:
             self.skipped_whiteout_dirs += 1
             logger.warning("%s: skipping %r below a whiteout name", label, entry.name)
             return
+
         if base.startswith(WHITEOUT_PREFIX):
             parent = self._resolve_dir(parts[:-1], layer, label, entry.name)
             self._apply_whiteout(parent, base, layer, label, entry.name, opaque_dirs)
             return
+
         parent = self._resolve_dir(parts[:-1], layer, label, entry.name)
         assert parent.children is not None
         existing = parent.children.get(base)
@@ -266,6 +269,7 @@ class RootFS:
         if existing is not None:
             del parent.children[base]
             existing.parent = None
+
         if entry.type == HARDLINK:
             inode = self._hardlink_target(entry, label)
             # The link's header applies to the shared file, as Docker's
