@@ -227,6 +227,10 @@ def _configure_logging(args: argparse.Namespace) -> None:
     elif args.verbose:
         level = logging.INFO
     logging.basicConfig(level=level, format="pulldocker: %(levelname)s: %(message)s")
+    # urllib3 logs whole request lines at DEBUG, query strings included, and
+    # pre-signed blob URLs carry credentials there; pulldocker's own request
+    # log redacts them.
+    logging.getLogger("urllib3").setLevel(max(level, logging.INFO))
 
 
 def _parse_size(text: str) -> int:

@@ -188,6 +188,9 @@ def clean_name(name: bytes, label: str) -> tuple[bytes, ...]:
     Raises:
         UnsafePathError: the name climbs out of the root with ``..``.
     """
+    if b"\0" in name:
+        # Only a PAX record can carry a NUL; no file system accepts one.
+        raise InvalidInputError(f"{label}: tar name {name!r} contains a NUL byte")
     if not name.startswith((b"/", b".")) and b"/." not in name and b"//" not in name:
         # Already clean, as almost every name in real layers is.
         return tuple(name.rstrip(b"/").split(b"/"))

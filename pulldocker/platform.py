@@ -177,6 +177,8 @@ def select_manifests(
     available: list[str] = []
     nested: list[Mapping[str, Any]] = []
     for descriptor in descriptors:
+        if not isinstance(descriptor, Mapping):
+            continue  # untrusted JSON: an index entry that is not an object
         media_type = descriptor.get("mediaType")
         if not isinstance(media_type, str):
             continue
