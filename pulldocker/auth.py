@@ -258,7 +258,7 @@ class Authenticator:
             data: Any = json.loads(body)
             token = data.get("token") or data.get("access_token")
             lifetime = float(data.get("expires_in") or MIN_TOKEN_LIFETIME)
-        except (ValueError, AttributeError, TypeError) as exc:
+        except (ValueError, AttributeError, TypeError, RecursionError) as exc:
             raise AuthenticationError(
                 f"token server {realm} returned an invalid response"
             ) from exc

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,8 @@ class ImageCache:
         self.root = root
         self.blob_dir = root / BLOB_DIR
         self.layer_storage = layer_storage
+        self._temp_files: set[Path] = set()
+        self._temp_lock = threading.Lock()
 
     def ensure(self) -> None:
         """Create the cache directories if they are missing."""
@@ -129,10 +132,21 @@ class ImageCache:
         self.ensure()
         fd, name = tempfile.mkstemp(dir=self.blob_dir, prefix=".tmp-")
         path = Path(name)
+        with self._temp_lock:
+            self._temp_files.add(path)
         try:
             with os.fdopen(fd, "w+b") as file:
                 yield file, path
         finally:
+            path.unlink(missing_ok=True)
+            with self._temp_lock:
+                self._temp_files.discard(path)
+
+    def remove_temp_files(self) -> None:
+        """Delete the temporary files still open in other threads."""
+        with self._temp_lock:
+            paths = list(self._temp_files)
+        for path in paths:
             path.unlink(missing_ok=True)
 
     def layer_path(self, digest: str, diff_id: str) -> Path | None:
@@ -197,7 +211,7 @@ class ImageCache:
             data = json.loads((self.root / MANIFEST_NAME).read_bytes())
         except FileNotFoundError:
             return []
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidInputError(
                 f"cache index {self.root / MANIFEST_NAME} is not valid JSON; "
                 "delete it to rebuild the cache index"

@@ -129,7 +129,7 @@ def _read_auth_file(path: Path, *, explicit: bool) -> dict[str, Any] | None:
                 f"auth file {str(path)!r} does not exist; check --authfile"
             ) from None
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise UsageError(
             f"cannot read auth file {str(path)!r}: {exc}; fix or remove it"
         ) from exc

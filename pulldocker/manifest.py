@@ -153,7 +153,7 @@ def parse_manifest(
         )
     try:
         data = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidInputError(f"manifest of {context} is not valid JSON") from exc
     if not isinstance(data, dict):
         raise InvalidInputError(f"manifest of {context} is not a JSON object")

@@ -19,8 +19,8 @@ import os
 import sys
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -216,6 +216,7 @@ def _open_client(ref: Reference, options: PullOptions) -> Iterator[RegistryClien
 
 ManifestSource = Callable[[str, str], Manifest]
 ConfigSource = Callable[[Descriptor], bytes]
+_Item = tuple[Descriptor, str]
 
 
 @dataclass(frozen=True)
@@ -292,8 +293,12 @@ def _resolve(source: _Source, ref: Reference, platform: Platform) -> _Resolved:
         if not manifest.is_index:
             break
         entries = manifest.data.get("manifests")
-        if not isinstance(entries, list):
-            raise InvalidInputError(f"index of {context} has no 'manifests' list")
+        if not isinstance(entries, list) or not all(
+            isinstance(entry, dict) for entry in entries
+        ):
+            raise InvalidInputError(
+                f"index of {context} has no 'manifests' list of objects"
+            )
         chosen = select_manifests(entries, platform, repr(context))
         digest = str(chosen.get("digest"))
         manifest = source.manifest(digest, f"{ref.name}@{digest}")
@@ -314,10 +319,12 @@ def _check_config(
         config = json.loads(raw)
         rootfs = config["rootfs"]
         diff_ids = [str(item) for item in rootfs["diff_ids"]]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise InvalidInputError(
             f"config of {context} has no valid rootfs.diff_ids"
         ) from exc
+    if not isinstance(config, dict) or not isinstance(rootfs, dict):
+        raise InvalidInputError(f"config of {context} is not a JSON object")
     if rootfs.get("type") != "layers":
         raise InvalidInputError(
             f"config of {context}: rootfs.type is {rootfs.get('type')!r}, "
@@ -352,9 +359,56 @@ def _fetch_layers(
         descriptor, diff_id = item
         return _fetch_layer(client, cache, descriptor, diff_id, progress)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        paths = dict(zip(unique, pool.map(fetch, unique.values()), strict=True))
+    try:
+        fetched = _run_parallel(fetch, list(unique.values()), jobs)
+    except KeyboardInterrupt:
+        # Workers stuck in a socket read cannot be stopped, and they are
+        # daemon threads that die at exit, so remove their files here.
+        cache.remove_temp_files()
+        raise
+    paths = dict(zip(unique, fetched, strict=True))
     return [paths[descriptor.digest] for descriptor, _ in pairs]
+
+
+def _run_parallel(
+    function: Callable[[_Item], Path], items: list[_Item], jobs: int
+) -> list[Path]:
+    """Call ``function`` on each item in up to ``jobs`` daemon threads.
+
+    Daemon threads, unlike a ThreadPoolExecutor's, do not keep the process
+    alive after Ctrl-C while a download waits on a stalled connection. The
+    first error stops new items from starting and is raised after the
+    running ones end.
+    """
+    results: list[Path | None] = [None] * len(items)
+    errors: list[BaseException] = []
+    pending = list(range(len(items)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if errors or not pending:
+                    return
+                index = pending.pop(0)
+            try:
+                results[index] = function(items[index])
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+                with lock:
+                    errors.append(exc)
+
+    threads = [
+        threading.Thread(target=work, name=f"pulldocker-fetch-{number}", daemon=True)
+        for number in range(min(jobs, len(items)))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.25)
+    if errors:
+        raise errors[0]
+    return [result for result in results if result is not None]
 
 
 def _fetch_layer(
@@ -416,7 +470,9 @@ def _short(digest: str) -> str:
 
 
 def _config_subset(config: dict[str, Any]) -> dict[str, Any]:
-    inner = config.get("config") or {}
+    inner = config.get("config")
+    if not isinstance(inner, dict):
+        return {}
     return {key: inner[key] for key in _CONFIG_KEYS if inner.get(key) is not None}
 
 

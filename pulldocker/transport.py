@@ -373,7 +373,7 @@ def _parse_error_body(response: requests.Response) -> tuple[tuple[str, ...], str
         codes = tuple(str(item.get("code") or "UNKNOWN") for item in errors)
         messages = [str(item.get("message") or "") for item in errors]
         return codes, "; ".join(m for m in messages if m)[:300]
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return (), ""
 
 
