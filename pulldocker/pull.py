@@ -483,6 +483,10 @@ def _open_output(output: str) -> Iterator[BinaryIO]:
         sys.stdout.buffer.flush()
         return
     target = Path(output)
+    if target.is_dir():
+        raise UsageError(
+            f"output {output!r} is a directory; give a file path for the archive"
+        )
     if not target.parent.is_dir():
         raise UsageError(
             f"output directory {str(target.parent)!r} does not exist; create it "

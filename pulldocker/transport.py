@@ -102,6 +102,7 @@ class Transport:
         self._unverified_hosts: set[str] = set()
         self._base_urls: dict[str, str] = {}
         self._pings: dict[str, requests.Response] = {}
+        self._warnings_seen: set[str] = set()
         self._tempdir: str | None = None
         self._verify: bool | str = True
         if cert_dir is not None:
@@ -248,6 +249,7 @@ class Transport:
                 method, _redact(url), response.status_code,
                 time.monotonic() - started,
             )  # fmt: skip
+            self._log_warning_header(response)
             location = response.headers.get("Location")
             if response.status_code not in _REDIRECTS or not location:
                 return response
@@ -260,6 +262,15 @@ class Transport:
         raise NetworkError(
             f"too many redirects (more than {MAX_REDIRECTS}) for {_redact(url)}"
         )
+
+    def _log_warning_header(self, response: requests.Response) -> None:
+        # Registries send deprecation notices as "Warning: 299 - <text>".
+        # They are shown once each and change nothing.
+        value = response.headers.get("Warning", "")
+        if not value.startswith("299") or value in self._warnings_seen:
+            return
+        self._warnings_seen.add(value)
+        logger.warning("registry warning: %s", value[:300])
 
     def _probe(self, host: str) -> tuple[str, requests.Response]:
         insecure = host in self.insecure_hosts

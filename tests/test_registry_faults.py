@@ -518,3 +518,52 @@ def test_insufficient_scope_widens_token(fake: FakeRegistry, tmp_path: Path) -> 
     assert len(token_urls) == 2
     assert "team%2Fbase" in token_urls[1]
     assert "team%2Fapp" in token_urls[1]
+
+
+def test_resume_accepts_range_not_satisfiable(
+    fake: FakeRegistry, tmp_path: Path
+) -> None:
+    data = b"q" * (2 << 20)
+    calls: list[str | None] = []
+
+    def complete_then_drop(
+        request: requests.PreparedRequest,
+    ) -> tuple[int, dict[str, str], object]:
+        calls.append(request.headers.get("Range"))
+        if len(calls) == 1:
+            return 200, {}, io.BufferedReader(DroppingStream(data, len(data)))
+        return 416, {"Content-Range": f"bytes */{len(data)}"}, b""
+
+    fake.serve_blob(data, complete_then_drop)  # type: ignore[arg-type]
+    descriptor = Descriptor("application/octet-stream", sha256(data), len(data))
+    with (tmp_path / "blob").open("w+b") as target:
+        resume_client(fake).download_blob(descriptor, target, NullProgress())
+    assert calls == [None, f"bytes={len(data)}-"]
+    assert (tmp_path / "blob").read_bytes() == data
+
+
+def test_registry_warning_logged_once(
+    fake: FakeRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.token_auth = False
+    image = make_image()
+    fake.serve_image(image)
+    warning = '299 - "this repository is deprecated"'
+    manifest_url = f"{BASE}/v2/{REPO}/manifests/{image.digest}"
+    config_url = f"{BASE}/v2/{REPO}/blobs/{sha256(image.config)}"
+    fake.rsps.remove(responses.GET, manifest_url)
+    fake.rsps.remove(responses.GET, config_url)
+    fake.rsps.add(
+        responses.GET,
+        manifest_url,
+        body=image.manifest,
+        headers={"Content-Type": OCI_MANIFEST, "Warning": warning},
+    )
+    fake.rsps.add(
+        responses.GET, config_url, body=image.config, headers={"Warning": warning}
+    )
+    pull(REF, fake_options(tmp_path / "cache"), quiet())
+    messages = [
+        r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()
+    ]
+    assert len(messages) == 1
