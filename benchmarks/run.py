@@ -274,8 +274,8 @@ def compare(
 
     The callables build a fresh command line per run, so each run may use a
     new output or cache path. ``prepare`` runs, untimed, before every run and
-    should remove what the previous run left; dirty pages are then flushed,
-    so no run pays for another's writeback.
+    removes what the previous run left. Dirty pages are flushed after it, so
+    no run pays for another's writeback.
     """
     subject_timing, baseline_timing = Timing(), Timing()
     # The subject runs last in each round, so its output is left for a check.
@@ -540,7 +540,7 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
         except (urllib.error.URLError, ConnectionError):
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"docker-registry did not answer on {url} within 15 s")
+    raise RuntimeError(f"docker-registry did not respond on {url} within 15 s")
 
 
 def push(archive: Path, reference: str) -> None:

@@ -14,7 +14,10 @@ archive; tars without the two-block trailer are common in image layers.
 from __future__ import annotations
 
 import os
+import re
+import struct
 from collections.abc import Iterator
+from zlib import adler32
 
 from .errors import InvalidInputError, UnsupportedError
 
@@ -44,7 +47,13 @@ _IGNORED_TYPES = frozenset({b"V"})  # volume labels carry no file
 _HEADER_ONLY_TYPES = frozenset({HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO})
 _MEMBER_TYPES = REGULAR_TYPES | {HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO}
 
+_PAX_TIME = re.compile(rb"-?[0-9]{1,20}(\.[0-9]{1,9})?")
 _MAX_META_SIZE = 16 * 1024 * 1024  # cap on one long name or PAX header
+_ZERO_BLOCK = bytes(BLOCK)
+# The ustar header fields, skipping the checksum (148:156) and the padding
+# (500:512): name, mode with uid and gid, size, mtime, typeflag, linkname,
+# magic with version, uname, gname, devmajor with devminor, prefix.
+_USTAR = struct.Struct("100s24s12s12s8xc100s8s32s32s16s155s12x")
 
 
 class TarEntry:
@@ -98,6 +107,9 @@ class TarEntry:
         return f"<TarEntry {self.name!r} type={self.type!r} size={self.size}>"
 
 
+_new_entry = object.__new__  # the parser sets every field itself
+
+
 class _Window:
     """A read-ahead buffer over ``fd`` for the region [start, end)."""
 
@@ -109,12 +121,12 @@ class _Window:
 
     def read(self, pos: int, length: int) -> bytes:
         """Return up to ``length`` bytes at ``pos``; short only at the end."""
-        length = min(length, self.end - pos)
-        if length <= 0:
-            return b""
         offset = pos - self.buf_start
         if offset >= 0 and offset + length <= len(self.buf):
             return self.buf[offset : offset + length]
+        length = min(length, self.end - pos)
+        if length <= 0:
+            return b""
         want = min(max(length, _READ_AHEAD), self.end - pos)
         data = os.pread(self.fd, want, pos)
         self.buf_start, self.buf = pos, data
@@ -140,20 +152,16 @@ def iter_entries(
     long_name: bytes | None = None
     long_link: bytes | None = None
     pax: dict[bytes, bytes] = {}
-    global_pax: dict[bytes, bytes] = {}
     while True:
         block = window.read(pos, BLOCK)
-        if not block:
-            return  # no trailer: the region ended at a header boundary
         if len(block) < BLOCK:
             if not block.strip(b"\0"):
-                return
+                return  # no trailer: the region ended at a header boundary
             raise InvalidInputError(
                 f"{label}: truncated tar header at byte {pos - start}"
             )
-        if block == bytes(BLOCK):
+        if block == _ZERO_BLOCK:
             return
-        _verify_checksum(block, pos - start, label)
         entry = _parse_header(block, pos - start, label)
         data_start = pos + BLOCK
         kind = entry.type
@@ -169,7 +177,9 @@ def iter_entries(
             if kind == _PAX_LOCAL:
                 pax.update(_parse_pax(data, label))
             elif kind == _PAX_GLOBAL:
-                global_pax.update(_parse_pax(data, label))
+                # Docker and containerd ignore global headers (Go's archive/tar
+                # hands them over as separate entries), so they change nothing.
+                _parse_pax(data, label)
             elif kind == _GNU_LONGNAME:
                 long_name = data.split(b"\0", 1)[0]
             else:
@@ -180,11 +190,11 @@ def iter_entries(
             entry.name = long_name
         if long_link is not None:
             entry.linkname = long_link
-        if global_pax or pax:
-            records = {**global_pax, **pax} if global_pax else pax
-            _apply_pax(entry, records, window, label)
+        if pax:
+            _apply_pax(entry, pax, window, label)
         long_name = long_link = None
-        pax = {}
+        if pax:
+            pax = {}
         if kind in _HEADER_ONLY_TYPES:
             entry.size = 0  # as in Go's archive/tar: these types carry no data
         if kind == _GNU_SPARSE:
@@ -196,7 +206,7 @@ def iter_entries(
                     f"{label}: member {entry.name!r} declares {entry.size} bytes "
                     "but the tar ends first (truncated layer?)"
                 )
-            pos = entry.offset + _padded(entry.size)
+            pos = entry.offset + (entry.size + BLOCK - 1) // BLOCK * BLOCK
         if kind in _IGNORED_TYPES:
             continue
         if kind not in _MEMBER_TYPES and kind != _GNU_SPARSE:
@@ -211,12 +221,13 @@ def _padded(size: int) -> int:
 
 
 def _verify_checksum(block: bytes, where: int, label: str) -> None:
-    stored_field = block[148:156]
+    field = block[148:156]
     try:
-        stored = _parse_number(stored_field)
+        stored = _parse_number(field)
     except ValueError:
         stored = -1
-    unsigned = sum(block[:148]) + 256 + sum(block[156:])
+    # The checksum field itself counts as eight spaces (8 * 32 = 256).
+    unsigned = _byte_sum(block) - sum(field) + 256
     if stored == unsigned:
         return
     # Some old writers summed signed chars.
@@ -225,8 +236,26 @@ def _verify_checksum(block: bytes, where: int, label: str) -> None:
         raise InvalidInputError(f"{label}: bad tar header checksum at byte {where}")
 
 
+def _byte_sum(block: bytes) -> int:
+    """Return the sum of the bytes of a 512-byte block.
+
+    Adler-32 keeps 1 + the byte sum modulo 65521 in its low 16 bits, and zlib
+    computes it about ten times faster than ``sum()`` iterates. The value is exact
+    when the sum stays below 65521: always for ASCII (at most 127 * 512), and
+    for any 256-byte half (at most 255 * 256).
+    """
+    if block.isascii():
+        return (adler32(block) & 0xFFFF) - 1
+    return (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
+
+
 def _parse_number(field: bytes) -> int:
     """Parse an octal tar number field, or a base-256 one (high bit set)."""
+    try:
+        # The usual field: octal digits ended by NUL or space.
+        return int(field.rstrip(b"\0 ") or b"0", 8)
+    except ValueError:
+        pass
     if field and field[0] & 0x80:
         value = int.from_bytes(field[1:], "big")
         if field[0] == 0xFF:  # negative base-256
@@ -241,33 +270,70 @@ def _parse_number(field: bytes) -> int:
 
 
 def _parse_header(block: bytes, where: int, label: str) -> TarEntry:
-    entry = TarEntry()
+    (
+        name,
+        mode_owner,
+        size,
+        mtime,
+        kind,
+        linkname,
+        magic,
+        uname,
+        gname,
+        devices,
+        prefix,
+    ) = _USTAR.unpack(block)
+    _verify_checksum(block, where, label)
+    entry = _new_entry(TarEntry)
     try:
-        entry.mode = _parse_number(block[100:108]) & 0o7777
-        entry.uid = _parse_number(block[108:116])
-        entry.gid = _parse_number(block[116:124])
-        entry.size = _parse_number(block[124:136])
-        entry.mtime = _parse_number(block[136:148])
-        entry.devmajor = _parse_number(block[329:337])
-        entry.devminor = _parse_number(block[337:345])
+        entry.mode, entry.uid, entry.gid = _cached_numbers(_OWNERS, mode_owner)
+        entry.devmajor, entry.devminor = _cached_numbers(_DEVICES, devices)
+        (entry.mtime,) = _cached_numbers(_MTIMES, mtime, 12)
+        entry.size = _parse_number(size)
     except ValueError:
         raise InvalidInputError(
             f"{label}: malformed numeric field in tar header at byte {where}"
         ) from None
+    entry.mode &= 0o7777
     if entry.size < 0:
         raise InvalidInputError(f"{label}: negative member size at byte {where}")
-    entry.type = block[156:157]
-    name = block[0:100].split(b"\0", 1)[0]
-    magic = block[257:265]
-    if magic == b"ustar\x0000" or magic[:6] == b"ustar\0":
-        prefix = block[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
+    entry.type = kind
+    name = name.partition(b"\0")[0]
+    if prefix[0] and (magic == b"ustar\x0000" or magic[:6] == b"ustar\0"):
+        name = prefix.partition(b"\0")[0] + b"/" + name
     entry.name = name
-    entry.linkname = block[157:257].split(b"\0", 1)[0]
-    entry.uname = block[265:297].split(b"\0", 1)[0]
-    entry.gname = block[297:329].split(b"\0", 1)[0]
+    entry.linkname = linkname.partition(b"\0")[0]
+    entry.uname = uname.partition(b"\0")[0]
+    entry.gname = gname.partition(b"\0")[0]
+    entry.mtime_text = None
+    entry.xattrs = None
+    entry.offset = 0
+    entry.sparse = None
+    entry.real_size = 0
     return entry
+
+
+# Mode and owner, device numbers and mtimes repeat from header to header, so
+# their parsed values are kept by field bytes. Each cache is emptied when full.
+_OWNERS: dict[bytes, tuple[int, ...]] = {}
+_DEVICES: dict[bytes, tuple[int, ...]] = {}
+_MTIMES: dict[bytes, tuple[int, ...]] = {}
+_CACHE_SIZE = 4096
+
+
+def _cached_numbers(
+    cache: dict[bytes, tuple[int, ...]], fields: bytes, width: int = 8
+) -> tuple[int, ...]:
+    """Parse the ``width``-byte number fields that make up ``fields``."""
+    values = cache.get(fields)
+    if values is None:
+        values = tuple(
+            _parse_number(fields[i : i + width]) for i in range(0, len(fields), width)
+        )
+        if len(cache) >= _CACHE_SIZE:
+            cache.clear()
+        cache[fields] = values
+    return values
 
 
 def _parse_pax(data: bytes, label: str) -> dict[bytes, bytes]:
@@ -321,9 +387,7 @@ def _apply_pax(
             elif key == b"gname":
                 entry.gname = value
             elif key == b"mtime":
-                entry.mtime = int(float(value)) if b"." in value else int(value)
-                if b"." in value:
-                    entry.mtime_text = value
+                entry.mtime, entry.mtime_text = _parse_pax_time(value)
             elif key.startswith(b"SCHILY.xattr."):
                 if entry.xattrs is None:
                     entry.xattrs = {}
@@ -332,8 +396,20 @@ def _apply_pax(
         raise InvalidInputError(
             f"{label}: malformed PAX value for member {entry.name!r}"
         ) from None
+    if entry.size < 0 or entry.uid < 0 or entry.gid < 0:
+        raise InvalidInputError(
+            f"{label}: negative size or owner in PAX header of {entry.name!r}"
+        )
     if b"GNU.sparse.major" in records or b"GNU.sparse.map" in records:
         _apply_pax_sparse(entry, records, window, label)
+
+
+def _parse_pax_time(value: bytes) -> tuple[int, bytes | None]:
+    """Parse a PAX time such as ``1700000000.123``; keep the text if fractional."""
+    if not _PAX_TIME.fullmatch(value):
+        raise ValueError("malformed time")
+    seconds, dot, _ = value.partition(b".")
+    return int(seconds), (value if dot else None)
 
 
 def _apply_pax_sparse(
