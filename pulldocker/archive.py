@@ -277,7 +277,9 @@ class Archive:
                 or ("manifests" in document and "layers" not in document)
             )
             if not is_index:
-                return self._image_from_manifest(document, name)
+                image = self._image_from_manifest(document, name)
+                _warn_platform(image.config, platform, name)
+                return image
             children = _descriptor_list(document, f"{self.label}: index {name}")
             descriptor = dict(
                 select_manifests(children, wanted, f"{self.label} ({name})")
@@ -667,23 +669,31 @@ def _choose_descriptor(
     if not usable:
         raise NotFoundError(f"{label}: index.json lists no image")
     if selector is not None:
+        wanted = _familiar(selector)
+        for descriptor in descriptors:
+            annotations = _annotations(descriptor)
+            ref_name = annotations.get("org.opencontainers.image.ref.name")
+            full_name = annotations.get("io.containerd.image.name")
+            candidates = [n for n in (ref_name, full_name) if isinstance(n, str)]
+            named = selector in candidates or any(
+                _familiar(n) == wanted for n in candidates
+            )
+            if not named and selector != descriptor.get("digest"):
+                continue
+            if descriptor not in usable:
+                media_type = _text(descriptor.get("mediaType"))
+                raise UnsupportedError(
+                    f"{label}: {selector!r} has media type {media_type!r}, "
+                    "which is neither an image manifest nor an index"
+                )
+            return descriptor
+        # A ref name wins over a position, because ref names such as "1"
+        # are common in OCI layouts.
         position = _index_selector(selector)
         if position is not None:
             if position >= len(usable):
                 raise NotFoundError(f"{label}: no image at index {position}")
             return usable[position]
-        wanted = _familiar(selector)
-        for descriptor in usable:
-            annotations = _annotations(descriptor)
-            ref_name = annotations.get("org.opencontainers.image.ref.name")
-            full_name = annotations.get("io.containerd.image.name")
-            candidates = [n for n in (ref_name, full_name) if isinstance(n, str)]
-            if selector in candidates or any(
-                _familiar(n) == wanted for n in candidates
-            ):
-                return descriptor
-            if selector == descriptor.get("digest"):
-                return descriptor
         names = ", ".join(_descriptor_name(d) for d in usable)
         raise NotFoundError(
             f"{label}: no image named {selector!r}; it contains {names}"

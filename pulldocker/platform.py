@@ -166,7 +166,8 @@ def select_manifests(
 
     An exact match wins; otherwise the closest older variant; among equals the
     first in index order. Nested indexes without a platform are returned so the
-    caller can descend into them.
+    caller can descend into them. When no entry states a platform, the first
+    image manifest is returned and the caller checks its config.
 
     Raises:
         PlatformNotFoundError: nothing matches; the message lists what exists.
@@ -176,6 +177,7 @@ def select_manifests(
     best_rank = -1.0
     available: list[str] = []
     nested: list[Mapping[str, Any]] = []
+    unlabelled: list[Mapping[str, Any]] = []
     for descriptor in descriptors:
         if not isinstance(descriptor, Mapping):
             continue  # untrusted JSON: an index entry that is not an object
@@ -186,6 +188,9 @@ def select_manifests(
             nested.append(descriptor)
             continue
         if media_type not in IMAGE_MANIFEST_TYPES or is_attestation(descriptor):
+            continue
+        if not _mapping(descriptor.get("platform")):
+            unlabelled.append(descriptor)
             continue
         offered = Platform.from_json(_mapping(descriptor.get("platform")))
         available.append(str(offered))
@@ -200,6 +205,10 @@ def select_manifests(
         return best
     if len(nested) == 1 and not available:
         return nested[0]
+    if unlabelled and not available:
+        # Indexes written into OCI layouts often omit platforms; the caller
+        # checks the chosen image's config against ``wanted``.
+        return unlabelled[0]
     listing = ", ".join(sorted(set(available))) or "none"
     raise PlatformNotFoundError(
         f"no image for platform {str(wanted)!r} in {context} "

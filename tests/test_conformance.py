@@ -73,7 +73,6 @@ class Case:
     args: tuple[str, ...] = ()
     expect_failure: tuple[int, ...] = ()
     may_fail: bool = False
-    known_bug: str = ""
 
 
 # ---- sources and references --------------------------------------------------
@@ -210,11 +209,6 @@ LAYOUT_TEST_INDEX_LAYER = blob_layers(
     "ggcr/layout_test_index",
     "dc52c6e48a1d51a96047b059f16889bc889c4b4c28f3b36b3f93187f62fc0b2b",
 )
-# TODO: remove the xfail marks once both are fixed in the OCI layout reader.
-LAYOUT_TEST_INDEX_BUG = (
-    "--image reads the ref names '1'..'4' as list positions, and a child "
-    "descriptor without a platform is rejected instead of taken"
-)
 LA_CROIX = (
     "container-diff/la-croix1.tar",
     "container-diff/la-croix2.tar",
@@ -346,7 +340,6 @@ CASES = [
             fixture("ggcr/layout_test_index"),
             wrapped(LAYOUT_TEST_INDEX_LAYER),
             args=("--image", ref),
-            known_bug=LAYOUT_TEST_INDEX_BUG,
         )
         for ref in ("1", "3", "4")
     ),
@@ -458,10 +451,7 @@ def assert_clean_failure(
 
 
 def case_param(case: Case) -> object:
-    marks = []
-    if case.known_bug:
-        marks.append(pytest.mark.xfail(reason=case.known_bug, strict=True))
-    return pytest.param(case, id=case.id, marks=marks)
+    return pytest.param(case, id=case.id)
 
 
 @pytest.mark.parametrize("case", [case_param(case) for case in CASES])
