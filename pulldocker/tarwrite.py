@@ -11,8 +11,10 @@ is written with ``hdrcharset=BINARY`` so its bytes survive.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
+from zlib import adler32
 
 from .flatten import BLK, CHR, DIR, FIFO_KIND, REG, SYM, Inode, Node, RootFS
 
@@ -22,8 +24,16 @@ _BLOCK = 512
 _RECORD = 10240
 _COPY_CHUNK = 1024 * 1024
 _FLUSH_AT = 1024 * 1024
+# Data shorter than this goes through the buffer, so that many small files
+# share one write; longer data is copied with os.copy_file_range.
+_SMALL_FILE = 16 * 1024
 _ZEROS = bytes(_COPY_CHUNK)
+_MAX_ID = 8**7  # the first value that does not fit an 8-byte octal field
+_MAX_SIZE = 8**11  # the same for a 12-byte field
 _TYPEFLAG = {REG: b"0", DIR: b"5", SYM: b"2", CHR: b"3", BLK: b"4", FIFO_KIND: b"6"}
+# name, mode, uid, gid, size, mtime, checksum, typeflag, linkname, magic and
+# version, uname, gname, devmajor, devminor, prefix; "s" pads with NULs.
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
 
 
 class TarSink:
@@ -66,7 +76,7 @@ class TarSink:
 
     def copy_range(self, fd: int, offset: int, length: int) -> None:
         """Append ``length`` bytes read from ``fd`` at ``offset``."""
-        if self._copy_in_kernel and length >= 16 * 1024:
+        if self._copy_in_kernel and length >= _SMALL_FILE:
             self.flush()
             assert self.fd is not None
             try:
@@ -129,8 +139,14 @@ def write_tree(
         if inode.kind != REG:
             sink.write(_header(path, inode, inode.kind, 0, inode.linkname))
             continue
-        sink.write(_header(path, inode, REG, inode.size, b""))
-        _write_data(sink, inode, source_fds)
+        header = _header(path, inode, REG, inode.size, b"")
+        if inode.size < _SMALL_FILE and inode.sparse is None:
+            # One buffered write for header, data and padding.
+            data = _read_exact(source_fds[inode.source], inode.offset, inode.size)
+            sink.write(header + data + _ZEROS[: -inode.size % _BLOCK])
+        else:
+            sink.write(header)
+            _write_data(sink, inode, source_fds)
         if on_file is not None:
             on_file(inode.size)
     sink.write(bytes(2 * _BLOCK))
@@ -146,6 +162,13 @@ def _push_children(node: Node, path: bytes, stack: list[tuple[bytes, Node]]) -> 
     prefix = path + b"/" if path else b""
     for name in sorted(node.children, reverse=True):
         stack.append((prefix + name, node.children[name]))
+
+
+def _read_exact(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) < length:
+        raise OSError(f"unexpected end of data at offset {offset + len(data)}")
+    return data
 
 
 def _write_data(sink: TarSink, inode: Inode, source_fds: Sequence[int]) -> None:
@@ -169,6 +192,25 @@ def _header(path: bytes, inode: Inode, kind: int, size: int, linkname: bytes) ->
 
     ``kind`` -1 makes a hardlink to ``linkname``.
     """
+    if (
+        len(path) <= 100
+        and len(linkname) <= 100
+        and inode.mtime_text is None
+        and not inode.xattrs
+        and 0 <= inode.uid < _MAX_ID
+        and 0 <= inode.gid < _MAX_ID
+        and size < _MAX_SIZE
+        and 0 <= inode.mtime < _MAX_SIZE
+        and len(inode.uname) <= 32
+        and len(inode.gname) <= 32
+        and kind not in (CHR, BLK)
+    ):
+        # The usual entry: every field fits ustar, so no PAX header.
+        typeflag = b"1" if kind == -1 else _TYPEFLAG[kind]
+        return _ustar_block(
+            path, b"", inode.mode, inode.uid, inode.gid, size, inode.mtime,
+            typeflag, linkname, inode.uname, inode.gname, 0, 0,
+        )  # fmt: skip
     pax: list[tuple[bytes, bytes]] = []
     name_field, prefix_field = _split_name(path)
     if name_field is None:
@@ -256,28 +298,37 @@ def _ustar_block(
     devmajor: int,
     devminor: int,
 ) -> bytes:
-    parts = [
-        name.ljust(100, b"\0"),
-        _octal(mode & 0o7777, 8),
-        _octal(uid, 8),
-        _octal(gid, 8),
-        _octal(size, 12),
-        _octal(mtime, 12),
-        b"        ",
+    block = _USTAR.pack(
+        name,
+        b"%07o\0" % (mode & 0o7777),
+        b"%07o\0" % uid,
+        b"%07o\0" % gid,
+        b"%011o\0" % size,
+        b"%011o\0" % mtime,
+        b"        ",  # the checksum counts its own field as eight spaces
         typeflag,
-        linkname.ljust(100, b"\0"),
+        linkname,
         b"ustar\x0000",
-        uname.ljust(32, b"\0"),
-        gname.ljust(32, b"\0"),
-        _octal(devmajor, 8),
-        _octal(devminor, 8),
-        prefix.ljust(155, b"\0"),
-        bytes(12),
-    ]
-    block = bytearray(b"".join(parts))
-    checksum = sum(block)
-    block[148:156] = b"%06o\0 " % checksum
-    return bytes(block)
+        uname,
+        gname,
+        b"%07o\0" % devmajor,
+        b"%07o\0" % devminor,
+        prefix,
+    )
+    return block[:148] + b"%06o\0 " % _byte_sum(block) + block[156:]
+
+
+def _byte_sum(block: bytes) -> int:
+    """Return the sum of the bytes of a 512-byte block.
+
+    Adler-32 keeps 1 + the byte sum modulo 65521 in its low 16 bits, and zlib
+    computes it about ten times faster than ``sum()`` iterates. The value is
+    exact when the sum stays below 65521: always for ASCII (at most
+    127 * 512), and for any 256-byte half (at most 255 * 256).
+    """
+    if block.isascii():
+        return (adler32(block) & 0xFFFF) - 1
+    return (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
 
 
 def _pax_header(records: list[tuple[bytes, bytes]]) -> bytes:
