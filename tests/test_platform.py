@@ -109,3 +109,22 @@ def test_select_descends_into_lone_nested_index() -> None:
     nested = {"mediaType": INDEX, "digest": "sha256:nested"}
     chosen = select_manifests([nested], Platform.parse("linux/amd64"), "x")
     assert chosen["digest"] == "sha256:nested"
+
+
+def test_select_takes_unlabelled_manifest_alone() -> None:
+    unlabelled = {"mediaType": MANIFEST, "digest": "sha256:only"}
+    chosen = select_manifests([unlabelled], Platform.parse("linux/arm64"), "x")
+    assert chosen["digest"] == "sha256:only"
+
+
+def test_select_prefers_labelled_match() -> None:
+    unlabelled = {"mediaType": MANIFEST, "digest": "sha256:plain"}
+    index = [unlabelled, entry("sha256:arm", "linux", "arm64")]
+    chosen = select_manifests(index, Platform.parse("linux/arm64"), "x")
+    assert chosen["digest"] == "sha256:arm"
+
+
+def test_select_skips_non_object_entries() -> None:
+    index = [None, 1, "x", entry("sha256:a", "linux", "amd64")]
+    chosen = select_manifests(index, Platform.parse("linux/amd64"), "x")  # type: ignore[arg-type]
+    assert chosen["digest"] == "sha256:a"
