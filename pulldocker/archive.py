@@ -93,6 +93,7 @@ class Archive:
 
     def __init__(self, label: str) -> None:
         self.label = label
+        self.tmpdir: str | None = None  # where temp_dir() is made; None: $TMPDIR
         self._fds: list[int] = []
         self._tempdir: str | None = None
 
@@ -135,7 +136,7 @@ class Archive:
 
     def temp_dir(self) -> str:
         if self._tempdir is None:
-            self._tempdir = tempfile.mkdtemp(prefix="pulldocker-")
+            self._tempdir = tempfile.mkdtemp(prefix="pulldocker-", dir=self.tmpdir)
         return self._tempdir
 
     def keep_fd(self, fd: int) -> int:
@@ -437,6 +438,12 @@ def open_archive(
         NotFoundError: the path does not exist.
         InvalidInputError: the file is not a tar archive.
     """
+    archive = _open_source(source, tmpdir, max_expanded)
+    archive.tmpdir = tmpdir
+    return archive
+
+
+def _open_source(source: str, tmpdir: str | None, max_expanded: int) -> Archive:
     if source == "-":
         return _spool_stream(sys.stdin.fileno(), "<stdin>", tmpdir, max_expanded)
     path = Path(source)

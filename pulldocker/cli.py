@@ -113,6 +113,8 @@ def _convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
     platform = _parse_platform(args.platform)
+    if args.tmpdir is not None and not os.path.isdir(args.tmpdir):
+        raise UsageError(f"--tmpdir {args.tmpdir!r} is not a directory")
     source = os.path.expanduser(args.source)
     image = args.image
     with _progress(args) as progress:
@@ -259,7 +261,12 @@ def _build_parser(first: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pulldocker",
         description="Turn a container image into one flattened rootfs tar.",
-        epilog="Other commands: pulldocker pull|save|inspect REFERENCE (see --help).",
+        epilog="SOURCE is a local path when it is -, starts with /, ./, ../ or ~, "
+        "exists, or ends in .tar (or a compressed tar suffix); otherwise it is "
+        "an image reference to pull. Exit codes: 0 ok, 1 other error, 2 usage, "
+        "3 invalid input, 4 not found, 5 authentication, 6 registry or network, "
+        "7 digest mismatch, 8 limit exceeded, 130 interrupted. Other commands: "
+        "pulldocker pull|save|inspect REFERENCE (see their --help).",
     )
     parser.add_argument(
         "--version", action="version", version=f"%(prog)s {__version__}"
@@ -290,7 +297,9 @@ def _build_parser(first: str) -> argparse.ArgumentParser:
         help="rootfs tar path (.tar, .tar.gz, .tar.zst, .tar.xz), or - for stdout",
     )
     parser.add_argument(
-        "--image", help="tag or index of the image in a multi-image archive"
+        "--image",
+        metavar="NAME|INDEX",
+        help="tag, ref name or 0-based index of the image in a multi-image archive",
     )
     parser.add_argument(
         "--compression",
@@ -301,10 +310,11 @@ def _build_parser(first: str) -> argparse.ArgumentParser:
         "--max-layer-size",
         type=_parse_size,
         default="256G",
+        metavar="SIZE",
         help="largest size that one compressed layer, or an archive compressed "
         "whole, may expand to; K, M, G or T suffix (default 256G)",
     )
-    parser.add_argument("--tmpdir", help="directory for temporary files")
+    parser.add_argument("--tmpdir", metavar="DIR", help="directory for temporary files")
     _add_common(parser)
     _add_registry(parser)
     return parser
@@ -312,7 +322,9 @@ def _build_parser(first: str) -> argparse.ArgumentParser:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--platform", help="os/arch[/variant] to choose (default: linux/<host arch>)"
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="platform to choose from an index (default: linux/<host arch>)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
@@ -327,14 +339,26 @@ def _add_registry(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin"
     )
-    group.add_argument("--authfile", help="auth file (docker config.json format)")
-    group.add_argument("--cert-dir", help="directory with ca.crt / client certs")
+    group.add_argument(
+        "--authfile", metavar="FILE", help="auth file (docker config.json format)"
+    )
+    group.add_argument(
+        "--cert-dir", metavar="DIR", help="directory with *.crt CAs and client certs"
+    )
     group.add_argument(
         "--insecure",
         action="store_true",
         help="allow plain HTTP or unverified TLS for this registry",
     )
-    group.add_argument("--cache-dir", help="image cache (default: XDG cache dir)")
     group.add_argument(
-        "--jobs", type=_positive_int, default=4, help="parallel downloads (default 4)"
+        "--cache-dir",
+        metavar="DIR",
+        help="image cache (default: $XDG_CACHE_HOME/pulldocker)",
+    )
+    group.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=4,
+        metavar="N",
+        help="parallel downloads (default 4)",
     )

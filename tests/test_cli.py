@@ -5,7 +5,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from layerbuild import Image, docker_archive, layer, run_cli
+from layerbuild import Image, compress, docker_archive, layer, run_cli
 
 from pulldocker.cli import is_local_source
 
@@ -148,3 +148,19 @@ def test_version_option() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.startswith(b"pulldocker ")
+
+
+def test_tmpdir_must_exist(archive: Path, tmp_path: Path) -> None:
+    result = run_cli(archive, "-o", tmp_path / "out.tar", "--tmpdir", tmp_path / "no")
+    assert result.returncode == 2
+    assert "--tmpdir" in one_line(result.stderr)
+
+
+def test_tmpdir_holds_no_leftovers(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    image = Image([compress(layer('a "1"'), "gzip")])
+    source = docker_archive(tmp_path / "gz.tar", image)
+    result = run_cli(source, "-o", tmp_path / "out.tar", "--tmpdir", spool)
+    assert result.returncode == 0, result.stderr
+    assert list(spool.iterdir()) == []
