@@ -179,12 +179,19 @@ def _apply_layers(
 
 
 def _hash_plain(layer: LayerBlob) -> Hashed:
+    """Hash an uncompressed layer once per distinct algorithm that is checked."""
+    digests: dict[str, str] = {}
+    for algorithm in layer.check.algorithms():
+        if algorithm is not None and algorithm not in digests:
+            digests[algorithm] = hash_region(
+                layer.fd, layer.offset, layer.size, algorithm
+            )
     stored_algorithm, plain_algorithm = layer.check.algorithms()
-    plain = hash_region(layer.fd, layer.offset, layer.size, plain_algorithm)
-    stored = plain
-    if stored_algorithm != plain_algorithm:
-        stored = hash_region(layer.fd, layer.offset, layer.size, stored_algorithm)
-    return Hashed(stored, plain, layer.size)
+    return Hashed(
+        digests.get(stored_algorithm or ""),
+        digests.get(plain_algorithm or ""),
+        layer.size,
+    )
 
 
 def _write(
