@@ -18,6 +18,9 @@ from rich.progress import (
 
 __all__ = ["RichProgress"]
 
+_LAYER_PREFIX = "layer-"  # keys that convert.py gives the layers it applies
+_LAYERS_ROW = "layers"
+
 
 class RichProgress:
     """A ``ProgressListener`` that draws one row per task on stderr."""
@@ -51,7 +54,23 @@ class RichProgress:
 
     def start(self, key: str, description: str, total: int | None) -> None:
         with self.lock:
+            if key.startswith(_LAYER_PREFIX):
+                self._start_layer(key, description, total)
+                return
             self.tasks[key] = self.progress.add_task(description, total=total, note="")
+
+    def _start_layer(self, key: str, description: str, total: int | None) -> None:
+        # Applying layers is quick per layer, and images have up to a hundred,
+        # so one row counts them all and names the current one.
+        task = self.tasks.get(_LAYERS_ROW)
+        if task is None:
+            task = self.progress.add_task(description, total=total or 0, note="")
+            self.tasks[_LAYERS_ROW] = task
+        else:
+            row = self.progress.tasks[task]
+            grown = (row.total or 0) + (total or 0)
+            self.progress.update(task, total=grown, description=description)
+        self.tasks[key] = task
 
     def advance(self, key: str, amount: int) -> None:
         task = self.tasks.get(key)
@@ -59,6 +78,8 @@ class RichProgress:
             self.progress.advance(task, amount)
 
     def finish(self, key: str, note: str = "") -> None:
+        if key.startswith(_LAYER_PREFIX):
+            return  # the shared layers row ends when its last layer does
         task = self.tasks.get(key)
         if task is None:
             return
