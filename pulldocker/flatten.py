@@ -380,6 +380,25 @@ class RootFS:
     def _resolve_dir_slowly(
         self, node: Node, parts: tuple[bytes, ...], layer: int, label: str, name: bytes
     ) -> Node:
+        found = self._walk(node, parts, label, name, create_layer=layer)
+        assert found is not None
+        return found
+
+    def _walk(
+        self,
+        node: Node,
+        parts: tuple[bytes, ...],
+        label: str,
+        name: bytes,
+        *,
+        create_layer: int | None,
+    ) -> Node | None:
+        """Follow ``parts`` from ``node`` to a directory, resolving symlinks.
+
+        A missing directory is created for ``create_layer``, or ends the walk
+        with None when it is None. A non-directory on the way raises
+        InvalidInputError, as do more than 40 symlinks.
+        """
         pending = list(reversed(parts))
         hops = 0
         while pending:
@@ -392,7 +411,9 @@ class RootFS:
             assert node.children is not None
             child = node.children.get(part)
             if child is None:
-                child = Node(part, node, Inode(DIR, None, -1), layer)
+                if create_layer is None:
+                    return None
+                child = Node(part, node, Inode(DIR, None, -1), create_layer)
                 node.children[part] = child
                 node = child
                 continue
@@ -409,6 +430,8 @@ class RootFS:
                 if target.startswith(b"/"):
                     node = self.root
                 pending.extend(reversed(target.split(b"/")))
+            elif create_layer is None:
+                return None
             else:
                 raise InvalidInputError(
                     f"{label}: cannot create {name!r}: {child.path()!r} "
@@ -420,41 +443,10 @@ class RootFS:
         """Find a node without following a symlink in the final component."""
         if not parts:
             return self.root
-        parent = self._find_dir(parts[:-1], label, name)
+        parent = self._walk(self.root, parts[:-1], label, name, create_layer=None)
         if parent is None or parent.children is None:
             return None
         return parent.children.get(parts[-1])
-
-    def _find_dir(
-        self, parts: tuple[bytes, ...], label: str, name: bytes
-    ) -> Node | None:
-        node = self.root
-        pending = list(reversed(parts))
-        hops = 0
-        while pending:
-            part = pending.pop()
-            if part in (b"", b"."):
-                continue
-            if part == b"..":
-                node = node.parent or self.root
-                continue
-            if node.children is None:
-                return None
-            child = node.children.get(part)
-            if child is None:
-                return None
-            if child.inode.kind == SYM:
-                hops += 1
-                if hops > _MAX_SYMLINK_HOPS:
-                    raise InvalidInputError(
-                        f"{label}: too many levels of symbolic links under {name!r}"
-                    )
-                if child.inode.linkname.startswith(b"/"):
-                    node = self.root
-                pending.extend(reversed(child.inode.linkname.split(b"/")))
-                continue
-            node = child
-        return node if node.children is not None else None
 
     def _hardlink_target(self, entry: TarEntry, label: str) -> Inode:
         try:
