@@ -20,24 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import tempfile
 import threading
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-import zstandard
-from isal import igzip
-
 from .errors import IntegrityError, InvalidInputError
+from .layers import decompress_to_file, detect_compression
 from .manifest import compute_digest, validate_digest
 
-__all__ = ["ImageCache", "LayerStorage", "detect_compression"]
+__all__ = ["ImageCache", "LayerStorage"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +41,6 @@ LayerStorage = Literal["uncompressed", "compressed"]
 CHUNK_SIZE = 1 << 20
 MANIFEST_NAME = "manifest.json"
 BLOB_DIR = "blobs/sha256"
-
-
-def detect_compression(head: bytes) -> str:
-    """Return ``gzip``, ``zstd`` or ``none`` from a blob's first bytes."""
-    if head.startswith(b"\x1f\x8b"):
-        return "gzip"
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        return "zstd"
-    return "none"
 
 
 class ImageCache:
@@ -167,7 +154,7 @@ class ImageCache:
             IntegrityError: the uncompressed layer does not match ``diff_id``.
         """
         downloaded.seek(0)
-        compression = detect_compression(downloaded.read(4))
+        compression = detect_compression(downloaded.read(8))
         downloaded.seek(0)
         if self.layer_storage == "compressed" or compression == "none":
             if compression == "none" and digest != diff_id:
@@ -177,8 +164,19 @@ class ImageCache:
                 )
             return self._link_download(downloaded, digest)
         target = self.blob_path(diff_id)
+        size = os.fstat(downloaded.fileno()).st_size
         with self.temp_file() as (file, temp):
-            actual = _decompress(downloaded, file, compression)
+            # The shared decoder caps the expanded size and reports corrupt
+            # or truncated data (a cut-off zstd frame included) as invalid.
+            actual = decompress_to_file(
+                downloaded.fileno(),
+                0,
+                size,
+                compression,
+                file.fileno(),
+                label=f"layer {digest}",
+                algorithms=(None, "sha256"),
+            ).uncompressed
             if actual != diff_id:
                 raise IntegrityError(
                     f"diff_id mismatch for layer {digest}: expected {diff_id}, "
@@ -297,28 +295,3 @@ class ImageCache:
                 yield
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
-def _decompress(source: BinaryIO, target: BinaryIO, compression: str) -> str:
-    """Decompress ``source`` into ``target`` and return the sha256 digest."""
-    digest = hashlib.sha256()
-    for chunk in _iter_decompressed(source, compression):
-        target.write(chunk)
-        digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
-
-
-def _iter_decompressed(source: BinaryIO, compression: str) -> Iterator[bytes]:
-    reader: Any
-    if compression == "gzip":
-        reader = igzip.GzipFile(fileobj=source, mode="rb")  # type: ignore[no-untyped-call]
-    else:
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            source, read_across_frames=True
-        )
-    try:
-        with reader:
-            while chunk := reader.read(CHUNK_SIZE):
-                yield chunk
-    except (OSError, EOFError, zlib.error, ValueError, zstandard.ZstdError) as exc:
-        raise IntegrityError(f"layer data is not valid {compression}: {exc}") from exc

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .auth import Authenticator
-from .cache import ImageCache, detect_compression
+from .cache import ImageCache
 from .credentials import find_credentials
 from .errors import InvalidInputError, PlatformNotFoundError, UsageError
+from .layers import detect_compression
 from .manifest import (
     OCI_INDEX,
     OCI_LAYER_TAR,
@@ -534,7 +535,10 @@ def _oci_manifest(cache: ImageCache, config_name: str, layer_names: list[str]) -
         path = cache.root / name
         if media_type is None:
             with path.open("rb") as file:
-                media_type = _LAYER_TYPES[detect_compression(file.read(4))]
+                compression = detect_compression(file.read(8))
+                # NOTE: bzip2 and xz have no OCI media type; a cache in
+                # compressed storage that holds one labels it plain tar.
+                media_type = _LAYER_TYPES.get(compression, OCI_LAYER_TAR)
         digest = "sha256:" + name.rpartition("/")[2]
         return {"mediaType": media_type, "digest": digest, "size": path.stat().st_size}
 
