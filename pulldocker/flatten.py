@@ -246,6 +246,9 @@ class RootFS:
         if not parts:
             return  # the root itself: layers cannot change its attributes
         base = parts[-1]
+        if WHITEOUT_PREFIX not in entry.name:
+            self._apply_member(entry, parts, layer, source, label)
+            return
         if any(part.startswith(WHITEOUT_PREFIX) for part in parts[:-1]):
             # Docker would create a directory named ".wh.X" here as an implied
             # parent. NOTE: pulldocker drops the entry instead, so that no
@@ -259,7 +262,18 @@ class RootFS:
             parent = self._resolve_dir(parts[:-1], layer, label, entry.name)
             self._apply_whiteout(parent, base, layer, label, entry.name, opaque_dirs)
             return
+        self._apply_member(entry, parts, layer, source, label)
 
+    def _apply_member(
+        self,
+        entry: TarEntry,
+        parts: tuple[bytes, ...],
+        layer: int,
+        source: int,
+        label: str,
+    ) -> None:
+        """Create or replace the file, directory or link that ``entry`` names."""
+        base = parts[-1]
         parent = self._resolve_dir(parts[:-1], layer, label, entry.name)
         assert parent.children is not None
         existing = parent.children.get(base)
