@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from .errors import IntegrityError, InvalidInputError
-from .layers import decompress_to_file, detect_compression
+from .layers import DEFAULT_MAX_EXPANDED, decompress_to_file, detect_compression
 from .manifest import compute_digest, validate_digest
 
 __all__ = ["ImageCache", "LayerStorage"]
@@ -46,10 +46,17 @@ BLOB_DIR = "blobs/sha256"
 class ImageCache:
     """A content-addressed blob store with a docker-archive ``manifest.json``."""
 
-    def __init__(self, root: Path, *, layer_storage: LayerStorage = "uncompressed"):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        layer_storage: LayerStorage = "uncompressed",
+        max_expanded: int = DEFAULT_MAX_EXPANDED,
+    ):
         self.root = root
         self.blob_dir = root / BLOB_DIR
         self.layer_storage = layer_storage
+        self.max_expanded = max_expanded
         self._temp_files: set[Path] = set()
         self._temp_lock = threading.Lock()
 
@@ -176,6 +183,7 @@ class ImageCache:
                 file.fileno(),
                 label=f"layer {digest}",
                 algorithms=(None, "sha256"),
+                max_expanded=self.max_expanded,
             ).uncompressed
             if actual != diff_id:
                 raise IntegrityError(

@@ -180,6 +180,7 @@ def _pull_options(args: argparse.Namespace) -> PullOptions:
         cert_dir=Path(args.cert_dir) if args.cert_dir else None,
         insecure=args.insecure,
         jobs=args.jobs,
+        max_layer_size=args.max_layer_size,
     )
     return options
 
@@ -306,14 +307,6 @@ def _build_parser(first: str) -> argparse.ArgumentParser:
         choices=("none", "gzip", "zstd", "xz"),
         help="output compression (default: from the output suffix)",
     )
-    parser.add_argument(
-        "--max-layer-size",
-        type=_parse_size,
-        default="256G",
-        metavar="SIZE",
-        help="largest size that one compressed layer, or an archive compressed "
-        "whole, may expand to; K, M, G or T suffix (default 256G)",
-    )
     parser.add_argument("--tmpdir", metavar="DIR", help="directory for temporary files")
     _add_common(parser)
     _add_registry(parser)
@@ -327,6 +320,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="platform to choose from an index (default: linux/<host arch>)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    parser.add_argument(
+        "--max-layer-size",
+        type=_parse_size,
+        default="256G",
+        metavar="SIZE",
+        help="largest size that one compressed layer, or an archive compressed "
+        "whole, may expand to; K, M, G or T suffix (default 256G)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     parser.add_argument(
         "--debug", action="store_true", help="debug logging and tracebacks"

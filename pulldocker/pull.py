@@ -29,7 +29,7 @@ from .auth import Authenticator
 from .cache import ImageCache
 from .credentials import find_credentials
 from .errors import InvalidInputError, PlatformNotFoundError, UsageError
-from .layers import detect_compression
+from .layers import DEFAULT_MAX_EXPANDED, detect_compression
 from .manifest import (
     OCI_INDEX,
     OCI_LAYER_TAR,
@@ -88,6 +88,7 @@ class PullOptions:
     cert_dir: Path | None = None
     insecure: bool = False
     jobs: int = 4
+    max_layer_size: int = DEFAULT_MAX_EXPANDED
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def pull(
     """
     ref = parse_reference(reference)
     _check_options(options)
-    cache = ImageCache(options.cache_dir)
+    cache = ImageCache(options.cache_dir, max_expanded=options.max_layer_size)
     if ref.digest:
         with contextlib.suppress(_CacheMiss):
             cached = _pull_offline(cache, ref, options.platform, progress)
@@ -174,7 +175,7 @@ def inspect(reference: str, options: PullOptions) -> dict[str, Any]:
     """
     ref = parse_reference(reference)
     _check_options(options)
-    cache = ImageCache(options.cache_dir)
+    cache = ImageCache(options.cache_dir, max_expanded=options.max_layer_size)
     with _open_client(ref, options) as client:
         resolved = _resolve(
             _network_source(client, cache, store=False), ref, options.platform

@@ -1,3 +1,4 @@
+import dataclasses
 import email.utils
 import io
 import json
@@ -29,6 +30,7 @@ from pulldocker.credentials import Credentials
 from pulldocker.errors import (
     AuthenticationError,
     IntegrityError,
+    LimitExceededError,
     NotFoundError,
     RateLimitError,
     UnsupportedError,
@@ -567,3 +569,15 @@ def test_registry_warning_logged_once(
         r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()
     ]
     assert len(messages) == 1
+
+
+def test_layer_past_size_limit_is_refused(fake: FakeRegistry, tmp_path: Path) -> None:
+    image = make_image()
+    fake.serve_image(image)
+    options = dataclasses.replace(fake_options(tmp_path / "cache"), max_layer_size=512)
+    with pytest.raises(LimitExceededError):
+        pull(REF, options, quiet())
+    blobs = tmp_path / "cache" / "blobs" / "sha256"
+    stored = list(blobs.iterdir()) if blobs.is_dir() else []
+    for path in stored:  # only the manifest and config may remain
+        assert path.read_bytes().startswith(b"{"), path.name
