@@ -318,7 +318,13 @@ def random_whiteouts(rng: random.Random, model: Model) -> list[Entry]:
         if "" in opaque or any(victim.startswith(d + "/") for d in removed):
             continue
         parent, base = posixpath.split(victim)
-        aliases = [p for p in model.paths("l") if parent and model.resolve(p) == parent]
+        aliases = [
+            p
+            for p in model.paths("l")
+            if parent
+            and model.resolve(p) == parent
+            and not any(p == d or p.startswith(d + "/") for d in removed)
+        ]
         if aliases and rng.random() < 0.5:
             parent = rng.choice(aliases)
         entries.append(Entry(posixpath.join(parent, ".wh." + base)))
