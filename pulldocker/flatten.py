@@ -9,9 +9,13 @@ image-spec "Applying Changesets" section:
   for the root itself (``./``) is skipped, because a layer cannot change the
   root directory's attributes.
 * ``D/.wh.NAME`` removes ``D/NAME`` and everything under it. ``D/.wh..wh..opq``
-  removes every child of ``D``. Both only remove what lower layers made: paths
-  written by the same layer survive wherever the marker sits in the tar.
-  Other ``.wh..wh.*`` names (AUFS metadata) are skipped.
+  removes every child of ``D``. Both act when they are read, as in Docker,
+  and only remove what lower layers made: paths that the same layer wrote
+  earlier survive, so the result does not depend on where the marker sits.
+  Other ``.wh..wh.*`` names (AUFS metadata) are skipped. A whiteout behind a
+  dangling symlink removes nothing, and an opaque marker whose directory is
+  a symlink or a file changes nothing, because Docker's walk does not follow
+  it (umoci 0.4.7 empties the symlink's target instead).
 * A new entry replaces whatever was at its path, except that a directory
   entry on an existing directory merges with it and only updates its
   metadata. Duplicates within a layer therefore resolve to the last one.
@@ -227,12 +231,8 @@ class RootFS:
         ``layer`` counts from 0 at the base; ``source`` is stored in the inodes
         of regular files so that their data can be found later.
         """
-        opaque_dirs: list[Node] = []
         for entry in entries:
-            self._apply_entry(entry, layer, source, label, opaque_dirs)
-        for directory in opaque_dirs:
-            if self._is_attached(directory) and directory.children is not None:
-                self._remove_children(directory, layer)
+            self._apply_entry(entry, layer, source, label)
 
     def _apply_entry(
         self,
@@ -240,7 +240,6 @@ class RootFS:
         layer: int,
         source: int,
         label: str,
-        opaque_dirs: list[Node],
     ) -> None:
         parts = clean_name(entry.name, label)
         if not parts:
@@ -258,9 +257,11 @@ class RootFS:
             logger.warning("%s: skipping %r below a whiteout name", label, entry.name)
             return
 
+        if base == OPAQUE_MARKER:
+            self._apply_opaque(parts[:-1], layer, label, entry.name)
+            return
         if base.startswith(WHITEOUT_PREFIX):
-            parent = self._resolve_dir(parts[:-1], layer, label, entry.name)
-            self._apply_whiteout(parent, base, layer, label, entry.name, opaque_dirs)
+            self._apply_whiteout(parts, layer, label, entry.name)
             return
         self._apply_member(entry, parts, layer, source, label)
 
@@ -312,17 +313,10 @@ class RootFS:
         return kind
 
     def _apply_whiteout(
-        self,
-        parent: Node,
-        base: bytes,
-        layer: int,
-        label: str,
-        name: bytes,
-        opaque_dirs: list[Node],
+        self, parts: tuple[bytes, ...], layer: int, label: str, name: bytes
     ) -> None:
-        if base == OPAQUE_MARKER:
-            opaque_dirs.append(parent)
-            return
+        """Remove what ``D/.wh.NAME`` names, as Docker's RemoveAll would."""
+        base = parts[-1]
         if base.startswith(AUFS_META_PREFIX):
             return  # AUFS bookkeeping such as .wh..wh.plnk; not a file
         target = base[len(WHITEOUT_PREFIX) :]
@@ -330,6 +324,11 @@ class RootFS:
             raise InvalidInputError(
                 f"{label}: invalid whiteout {name!r}: it names no file"
             )
+        parent = self._walk(
+            self.root, parts[:-1], label, name, create_layer=layer, dangling=False
+        )
+        if parent is None:
+            return  # behind a dangling symlink: nothing exists to remove
         assert parent.children is not None
         victim = parent.children.get(target)
         if victim is None:
@@ -344,6 +343,38 @@ class RootFS:
             return
         del parent.children[target]
         victim.parent = None
+
+    def _apply_opaque(
+        self, dir_parts: tuple[bytes, ...], layer: int, label: str, name: bytes
+    ) -> None:
+        """Empty a directory of everything this layer has not written yet.
+
+        Docker does this when it reads the marker. Its directory walk does
+        not follow a symlink named by the marker's parent, and visits only
+        the file when the parent is a file, so both cases change nothing.
+        """
+        directory = self.root
+        if dir_parts:
+            parent = self._walk(
+                self.root,
+                dir_parts[:-1],
+                label,
+                name,
+                create_layer=layer,
+                dangling=False,
+            )
+            if parent is None:
+                return
+            assert parent.children is not None
+            node = parent.children.get(dir_parts[-1])
+            if node is None:
+                implied = Node(dir_parts[-1], parent, Inode(DIR, None, -1), layer)
+                parent.children[dir_parts[-1]] = implied
+                return
+            if node.children is None:
+                return
+            directory = node
+        self._remove_children(directory, layer)
 
     def _remove_children(self, directory: Node, layer: int) -> None:
         """Remove every descendant of ``directory`` not written by ``layer``."""
@@ -365,14 +396,6 @@ class RootFS:
         if node.children is None:
             return False
         return any(self._has_written(child, layer) for child in node.children.values())
-
-    def _is_attached(self, node: Node) -> bool:
-        while node.parent is not None:
-            assert node.parent.children is not None
-            if node.parent.children.get(node.name) is not node:
-                return False
-            node = node.parent
-        return node is self.root
 
     # -- path resolution ----------------------------------------------------
 
@@ -406,17 +429,24 @@ class RootFS:
         name: bytes,
         *,
         create_layer: int | None,
+        dangling: bool = True,
     ) -> Node | None:
         """Follow ``parts`` from ``node`` to a directory, resolving symlinks.
 
         A missing directory is created for ``create_layer``, or ends the walk
-        with None when it is None. A non-directory on the way raises
-        InvalidInputError, as do more than 40 symlinks.
+        with None when it is None. With ``dangling`` False, a directory that
+        is missing from a symlink's target also ends the walk with None, so
+        nothing is created behind a dangling symlink. A non-directory on the
+        way raises InvalidInputError, as do more than 40 symlinks.
         """
         pending = list(reversed(parts))
         hops = 0
+        from_link = 0  # how many pending parts came from symlink targets
         while pending:
             part = pending.pop()
+            in_link = from_link > 0
+            if in_link:
+                from_link -= 1
             if part in (b"", b"."):
                 continue
             if part == b"..":
@@ -425,7 +455,7 @@ class RootFS:
             assert node.children is not None
             child = node.children.get(part)
             if child is None:
-                if create_layer is None:
+                if create_layer is None or (in_link and not dangling):
                     return None
                 child = Node(part, node, Inode(DIR, None, -1), create_layer)
                 node.children[part] = child
@@ -443,7 +473,9 @@ class RootFS:
                 target = child.inode.linkname
                 if target.startswith(b"/"):
                     node = self.root
-                pending.extend(reversed(target.split(b"/")))
+                target_parts = target.split(b"/")
+                pending.extend(reversed(target_parts))
+                from_link += len(target_parts)
             elif create_layer is None:
                 return None
             else:
