@@ -13,6 +13,7 @@ symlinked members are followed at most 8 times, inside the archive only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -445,7 +446,8 @@ def open_archive(
 
 def _open_source(source: str, tmpdir: str | None, max_expanded: int) -> Archive:
     if source == "-":
-        return _spool_stream(sys.stdin.fileno(), "<stdin>", tmpdir, max_expanded)
+        fd = _spool_pipe(sys.stdin.fileno(), tmpdir)
+        return _open_tar(fd, "<stdin>", tmpdir, max_expanded)
     path = Path(source)
     if path.is_dir():
         return DirectoryArchive(path)
@@ -455,78 +457,63 @@ def _open_source(source: str, tmpdir: str | None, max_expanded: int) -> Archive:
         raise NotFoundError(f"{source}: no such file or directory") from None
     except OSError as exc:
         raise InvalidInputError(f"{source}: cannot open: {exc.strerror}") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        return _spool_stream(fd, source, tmpdir, max_expanded, close=True)
-    compression = detect_compression(os.pread(fd, 8, 0))
-    if compression == "none":
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         try:
-            return TarArchive(fd, info.st_size, source)
-        except BaseException:
-            os.close(fd)
-            raise
-    try:
-        spool_fd, spool_path = tempfile.mkstemp(
-            prefix="pulldocker-archive-", dir=tmpdir
-        )
-        os.unlink(spool_path)
-        decompress_to_file(
-            fd,
-            0,
-            info.st_size,
-            compression,
-            spool_fd,
-            label=source,
-            max_expanded=max_expanded,
-        )
-    finally:
-        os.close(fd)
-    try:
-        return TarArchive(spool_fd, os.fstat(spool_fd).st_size, source)
-    except BaseException:
-        os.close(spool_fd)
-        raise
+            pipe = fd
+            fd = _spool_pipe(pipe, tmpdir)
+        finally:
+            os.close(pipe)
+    return _open_tar(fd, source, tmpdir, max_expanded)
 
 
-def _spool_stream(
-    fd: int, label: str, tmpdir: str | None, max_expanded: int, close: bool = False
-) -> Archive:
-    """Copy a pipe to an unlinked temp file, decompressing it if needed."""
-    raw_fd, raw_path = tempfile.mkstemp(prefix="pulldocker-stdin-", dir=tmpdir)
-    os.unlink(raw_path)
-    try:
-        while True:
-            data = os.read(fd, 1024 * 1024)
-            if not data:
-                break
-            view = memoryview(data)
-            while view:
-                view = view[os.write(raw_fd, view) :]
-    finally:
-        if close:
-            os.close(fd)
-    size = os.fstat(raw_fd).st_size
-    if size == 0:
-        os.close(raw_fd)
-        raise InvalidInputError(f"{label}: empty input")
-    compression = detect_compression(os.pread(raw_fd, 8, 0))
-    if compression == "none":
-        return TarArchive(raw_fd, size, label)
-    spool_fd, spool_path = tempfile.mkstemp(prefix="pulldocker-archive-", dir=tmpdir)
+def _spool_pipe(fd: int, tmpdir: str | None) -> int:
+    """Copy a pipe to an unlinked temp file, which allows random access."""
+    spool_fd, spool_path = tempfile.mkstemp(prefix="pulldocker-stdin-", dir=tmpdir)
     os.unlink(spool_path)
+    while True:
+        data = os.read(fd, 1024 * 1024)
+        if not data:
+            return spool_fd
+        view = memoryview(data)
+        while view:
+            view = view[os.write(spool_fd, view) :]
+
+
+def _open_tar(fd: int, label: str, tmpdir: str | None, max_expanded: int) -> Archive:
+    """Open the tar in ``fd``, first decompressing it if it is compressed.
+
+    ``fd`` belongs to the returned archive, or is closed on failure.
+    """
     try:
-        decompress_to_file(
-            raw_fd,
-            0,
-            size,
-            compression,
-            spool_fd,
-            label=label,
-            max_expanded=max_expanded,
-        )
-    finally:
-        os.close(raw_fd)
-    return TarArchive(spool_fd, os.fstat(spool_fd).st_size, label)
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise InvalidInputError(f"{label}: empty input")
+        compression = detect_compression(os.pread(fd, 8, 0))
+        if compression != "none":
+            spool_fd, spool_path = tempfile.mkstemp(
+                prefix="pulldocker-archive-", dir=tmpdir
+            )
+            os.unlink(spool_path)
+            try:
+                decompress_to_file(
+                    fd,
+                    0,
+                    size,
+                    compression,
+                    spool_fd,
+                    label=label,
+                    max_expanded=max_expanded,
+                )
+            except BaseException:
+                os.close(spool_fd)
+                raise
+            os.close(fd)
+            fd, size = spool_fd, os.fstat(spool_fd).st_size
+        return TarArchive(fd, size, label)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
 
 
 def _clean_member_path(path: str, label: str, what: str) -> str:

@@ -81,13 +81,13 @@ class AuthenticationError(PulldockerError):
 
 
 class RegistryError(PulldockerError):
-    """The registry answered with an error, or the connection failed."""
+    """The registry returned an error, or the connection failed."""
 
     exit_code = 6
 
 
 class RateLimitError(RegistryError):
-    """The registry kept answering 429 after every retry."""
+    """The registry still returned 429 after every retry."""
 
 
 class IntegrityError(PulldockerError):
@@ -107,7 +107,7 @@ class NetworkError(RegistryError):
 
 
 class RegistryResponseError(RegistryError):
-    """The registry answered with an error status and error codes."""
+    """The registry returned an error status and error codes."""
 
     def __init__(self, message: str, *, status: int, codes: tuple[str, ...] = ()):
         super().__init__(message)
