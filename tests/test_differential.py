@@ -469,6 +469,16 @@ def test_opaque_then_file_parent(tmp_path: Path) -> None:
     assert tree.entries == expect("x/", "x/d/", 'x/d/new "n"').entries
 
 
+def test_opaque_then_hardlink_to_hidden_file(tmp_path: Path) -> None:
+    # The marker has already removed a/f when the link is read, so the link
+    # has no target, and Docker fails the layer as pulldocker does.
+    layers = [["a/", 'a/f "1"'], ["a/.wh..wh..opq", "b => a/f"]]
+    archive = docker_archive(tmp_path / "image.tar", Case(layers).image())
+    result, _ = flatten(archive, tmp_path / "out")
+    assert result.returncode == 3, failure_text(result)
+    assert b"does not exist" in result.stderr
+
+
 def test_opaque_marker_in_file_ignored(tmp_path: Path) -> None:
     # filepath.Walk on a file visits only the file itself, so Docker removes
     # nothing and keeps going. umoci agrees.
