@@ -1,11 +1,12 @@
 """Find an image's config and layers in a saved archive or layout.
 
-Sources read: ``docker save`` archives (the classic ``<id>/layer.tar`` layout
-and the Docker 25+ OCI-layout hybrid), skopeo ``docker-archive:`` output, OCI
-image layouts and OCI archives (nested indexes included), each as a tar, a
-compressed tar (gzip, zstd, xz, bzip2) or a directory, and ``-`` for a tar on
-stdin. Where ``manifest.json`` exists it decides the image and the layer
-order, with the config's ``rootfs.diff_ids``; otherwise ``index.json`` does.
+The readers cover ``docker save`` archives (the classic ``<id>/layer.tar``
+layout and the Docker 25+ OCI-layout hybrid), skopeo ``docker-archive:``
+output, and OCI image layouts and archives with nested indexes. Each may be a
+tar, a compressed tar (gzip, zstd, xz, bzip2), a directory, or ``-`` for a tar
+on stdin. Where ``manifest.json`` exists, it and the config's
+``rootfs.diff_ids`` decide the image and the layer order. Otherwise
+``index.json`` does.
 
 Paths named by a manifest are confined to the archive: ``..`` is rejected and
 symlinked members are followed at most 8 times, inside the archive only.
@@ -71,7 +72,7 @@ _NON_LAYER_HINTS = ("in-toto", "json", "+encrypted", "helm", "wasm")
 
 @dataclass
 class LayerBlob:
-    """Where one layer's stored bytes are, and what they must hash to."""
+    """The location of one layer's stored bytes and the digests they must have."""
 
     fd: int
     offset: int
@@ -270,7 +271,7 @@ class Archive:
         descriptors = _descriptor_list(index, f"{self.label}: index.json")
         descriptor = _choose_descriptor(descriptors, selector, platform, self.label)
         name = _descriptor_name(descriptor)
-        wanted = platform or host_platform()
+        requested = platform or host_platform()
         for _ in range(_MAX_INDEX_DEPTH):
             document = self._read_blob_json(descriptor, "manifest")
             is_index = (
@@ -284,7 +285,7 @@ class Archive:
                 return image
             children = _descriptor_list(document, f"{self.label}: index {name}")
             descriptor = dict(
-                select_manifests(children, wanted, f"{self.label} ({name})")
+                select_manifests(children, requested, f"{self.label} ({name})")
             )
         raise InvalidInputError(f"{self.label}: indexes nested too deeply")
 
@@ -603,10 +604,10 @@ def _choose_entry(
             )
         entry = manifest[position]
         return entry, (tags(entry) or [f"image {position}"])[0]
-    wanted = _familiar(selector)
+    requested = _familiar(selector)
     for entry in manifest:
         for tag in tags(entry):
-            if tag == selector or _familiar(tag) == wanted:
+            if tag == selector or _familiar(tag) == requested:
                 return entry, tag
     listing = "; ".join(describe(i, e) for i, e in enumerate(manifest))
     raise NotFoundError(f"{label}: no image tagged {selector!r}; it contains {listing}")
@@ -663,14 +664,14 @@ def _choose_descriptor(
     if not usable:
         raise NotFoundError(f"{label}: index.json lists no image")
     if selector is not None:
-        wanted = _familiar(selector)
+        requested = _familiar(selector)
         for descriptor in descriptors:
             annotations = _annotations(descriptor)
             ref_name = annotations.get("org.opencontainers.image.ref.name")
             full_name = annotations.get("io.containerd.image.name")
             candidates = [n for n in (ref_name, full_name) if isinstance(n, str)]
             named = selector in candidates or any(
-                _familiar(n) == wanted for n in candidates
+                _familiar(n) == requested for n in candidates
             )
             if not named and selector != descriptor.get("digest"):
                 continue

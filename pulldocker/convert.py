@@ -1,13 +1,12 @@
 """Convert a saved image into one rootfs tar: the core both commands share.
 
 The work runs in two passes. The first reads every layer's tar headers, base
-first, and applies them to an in-memory tree (``flatten.RootFS``); compressed
-layers are decompressed once, into unlinked spool files, on worker threads
-that run ahead of it. The second walks the final tree and writes the output,
-copying each surviving file's data straight from the archive or the spool.
-Digests recorded by the archive are checked before the output appears: the
-output is written to a temporary name in the same directory and renamed only
-when everything succeeded.
+first, and applies them to an in-memory tree (``flatten.RootFS``). Worker
+threads run ahead of it and decompress each compressed layer once, into an
+unlinked spool file. The second pass walks the final tree and writes the
+output, copying each surviving file's data straight from the archive or the
+spool. The output goes to a temporary name in the same directory and is
+renamed only after every digest the archive records has been checked.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ _SUFFIXES = {
 
 @dataclass(frozen=True)
 class ConvertResult:
-    """What a conversion produced."""
+    """Summary of one conversion: the image, layer and entry counts, size."""
 
     image: str
     layers: int

@@ -24,8 +24,8 @@ image-spec "Applying Changesets" section:
   ``/`` (absolute targets restart at the root, ``..`` stops at the root).
   The final component is never followed. Missing parents are created with
   mode 0755, owner 0:0 and mtime 0.
-* A hardlink shares the file that its target names when the link is read;
-  later layers that replace either name leave the other name with the old
+* A hardlink shares the file that its target names when the link is read.
+  A later layer that replaces either name leaves the other name with the old
   content. Its header's mode, owner and mtime apply to the shared file, as
   ``chmod`` through one name would.
 * Symlink targets are kept verbatim; they are only followed to resolve the

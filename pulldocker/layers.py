@@ -141,7 +141,7 @@ class Hashed:
 
 
 class DigestCheck:
-    """What a layer's digests must be; None where the source records nothing."""
+    """Expected digests and size of one layer; None where none is recorded."""
 
     __slots__ = ("digest", "diff_id", "label", "size")
 

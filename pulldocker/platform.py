@@ -160,9 +160,9 @@ def _mapping(value: object) -> Mapping[str, Any]:
 
 
 def select_manifests(
-    descriptors: Iterable[Mapping[str, Any]], wanted: Platform, context: str
+    descriptors: Iterable[Mapping[str, Any]], requested: Platform, context: str
 ) -> Mapping[str, Any]:
-    """Choose the index entry whose platform best matches ``wanted``.
+    """Choose the index entry whose platform best matches ``requested``.
 
     An exact match wins; otherwise the closest older variant; among equals the
     first in index order. Nested indexes without a platform are returned so the
@@ -172,7 +172,7 @@ def select_manifests(
     Raises:
         PlatformNotFoundError: nothing matches; the message lists what exists.
     """
-    wanted = wanted.normalized()
+    requested = requested.normalized()
     best: Mapping[str, Any] | None = None
     best_rank = -1.0
     available: list[str] = []
@@ -194,10 +194,10 @@ def select_manifests(
             continue
         offered = Platform.from_json(_mapping(descriptor.get("platform")))
         available.append(str(offered))
-        if not wanted.accepts(offered):
+        if not requested.accepts(offered):
             continue
         rank = _variant_rank(offered)
-        if offered.variant == wanted.variant:
+        if offered.variant == requested.variant:
             rank = float("inf")
         if rank > best_rank:
             best, best_rank = descriptor, rank
@@ -207,10 +207,10 @@ def select_manifests(
         return nested[0]
     if unlabelled and not available:
         # Indexes written into OCI layouts often omit platforms; the caller
-        # checks the chosen image's config against ``wanted``.
+        # checks the chosen image's config against ``requested``.
         return unlabelled[0]
     listing = ", ".join(sorted(set(available))) or "none"
     raise PlatformNotFoundError(
-        f"no image for platform {str(wanted)!r} in {context} "
+        f"no image for platform {str(requested)!r} in {context} "
         f"(available: {listing}); choose one with --platform"
     )

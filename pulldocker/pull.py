@@ -5,7 +5,7 @@ platform, descending through indexes. It fetches the config and layers into
 the cache and records the image in the cache's ``manifest.json`` under two
 tags. The reference's own tag moves to the image pulled last, while the tag
 ``NAME:sha256-<manifest hex>`` names this exact image and never moves.
-A second pull of a cached image downloads no blobs; a reference pinned by
+A second pull of a cached image downloads no blobs. A reference pinned by
 digest whose image is complete in the cache needs no network at all.
 """
 
@@ -537,8 +537,8 @@ def _oci_manifest(cache: ImageCache, config_name: str, layer_names: list[str]) -
         if media_type is None:
             with path.open("rb") as file:
                 compression = detect_compression(file.read(8))
-                # NOTE: bzip2 and xz have no OCI media type; a cache in
-                # compressed storage that holds one labels it plain tar.
+                # NOTE: bzip2 and xz have no OCI media type, so a cache in
+                # compressed storage that contains one labels it plain tar.
                 media_type = _LAYER_TYPES.get(compression, OCI_LAYER_TAR)
         digest = "sha256:" + name.rpartition("/")[2]
         return {"mediaType": media_type, "digest": digest, "size": path.stat().st_size}

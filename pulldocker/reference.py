@@ -2,7 +2,7 @@
 
 A reference is ``[domain/]path[:tag][@digest]``. The first ``/``-separated
 part is a domain only when it is ``localhost`` or contains ``.``, ``:`` or an
-uppercase letter; otherwise the whole text is a Docker Hub path, and a Hub
+uppercase letter. Otherwise the whole text is a Docker Hub path, and a Hub
 path with one component gets ``library/``. So ``busybox`` is
 ``docker.io/library/busybox:latest`` and ``localhost:5000/app`` is domain
 ``localhost:5000``, path ``app``. With neither tag nor digest the tag is

@@ -8,7 +8,7 @@ link targets stay bytes, so names that are not UTF-8 survive unchanged.
 Each ``TarEntry`` records where its data starts in the file, so a later pass
 can copy the data with ``os.copy_file_range`` instead of reading it through
 Python. A zero block, or the end of the region at a header boundary, ends the
-archive; tars without the two-block trailer are common in image layers.
+archive, because tars without the two-block trailer are common in layers.
 """
 
 from __future__ import annotations

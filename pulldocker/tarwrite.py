@@ -4,8 +4,8 @@ Every path appears once, directories before their children, children in byte
 order, so the same tree always gives the same bytes. The first name of a
 hardlinked file carries the data and later names are hardlinks to it. Fields
 that do not fit ustar (long names and link targets, large numbers, fractional
-mtimes, extended attributes) go into a PAX header; a name that is not UTF-8
-is written with ``hdrcharset=BINARY`` so its bytes survive.
+mtimes, extended attributes) go into a PAX header. A name that is not UTF-8
+is written with ``hdrcharset=BINARY``, so its bytes survive.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """A fault-injecting HTTP proxy on 127.0.0.1, in front of a real registry.
 
-The proxy forwards every request to ``upstream`` and streams the answer back,
+The proxy forwards every request to ``upstream`` and streams the response back,
 unless a ``Fault`` matches the request first. Faults drop the connection
-after some body bytes, stall, answer an error status, flip a body byte,
-answer 401 ``invalid_token`` as if a token expired early, or redirect to
+after some body bytes, stall, return an error status, flip a body byte,
+return 401 ``invalid_token`` as if a token expired early, or redirect to
 another origin. Each fault fires ``times`` times (None: always). The proxy
 records every request it saw, with its headers, for the tests to inspect.
 """
@@ -29,7 +29,7 @@ class Fault:
 
     ``kind`` is one of ``drop``, ``stall``, ``status``, ``flip``, ``expire``
     and ``redirect``. ``after`` is the number of body bytes sent before a
-    drop, stall or flip. ``status`` and ``headers`` shape a ``status`` answer;
+    drop, stall or flip. ``status`` and ``headers`` shape a ``status`` response;
     ``location`` is the redirect target prefix, to which the request path and
     ``query`` (such as a presigned-URL signature) are appended.
     """

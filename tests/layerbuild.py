@@ -429,7 +429,7 @@ class Tree:
 
     ``entries`` maps each path (no ``./``, no trailing slash) to a ``Node``;
     a hardlink shows the type and content of the file it shares. ``links``
-    holds the groups of two or more names that share one file.
+    contains the groups of two or more names that share one file.
     """
 
     entries: dict[str, Node] = field(default_factory=dict)
@@ -569,6 +569,18 @@ def flatten(
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / name
     return run_cli(archive, "-o", output, *args), output
+
+
+def check_case_tree(tmp_path: Path, case: Case) -> None:
+    """Flatten ``case`` as a ``docker save`` archive and compare the tree."""
+    archive = docker_archive(tmp_path / "image.tar", case.image())
+    result, output = flatten(archive, tmp_path / "out")
+    assert result.returncode == 0, failure_text(result)
+    tree = read_tree(output)
+    expected = expect(*case.expected)
+    assert tree.entries == expected.entries
+    assert tree.links == expected.links
+    assert tree.problems == []
 
 
 def clean_failure_problems(

@@ -316,9 +316,9 @@ def test_registry_resolve_only_pulldocker_errors(
 ) -> None:
     source = _FuzzSource(documents, content_type)
     ref = reference.parse_reference("127.0.0.1:5000/fuzz/image:tag")
-    wanted = platform.Platform("linux", "amd64")
+    requested = platform.Platform("linux", "amd64")
     with contextlib.suppress(PulldockerError), time_limit():
-        pull._resolve(source, ref, wanted)  # type: ignore[arg-type]
+        pull._resolve(source, ref, requested)  # type: ignore[arg-type]
 
 
 @fuzz_settings()

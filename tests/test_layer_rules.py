@@ -25,6 +25,7 @@ from layerbuild import (
     Case,
     Entry,
     Image,
+    check_case_tree,
     clean_failure_problems,
     compress,
     decompress,
@@ -308,14 +309,7 @@ RULE_CASES = {
 
 @pytest.mark.parametrize("case", RULE_CASES.values(), ids=RULE_CASES.keys())
 def test_layer_rule(tmp_path: Path, case: Case) -> None:
-    archive = docker_archive(tmp_path / "image.tar", case.image())
-    result, output = flatten(archive, tmp_path / "out")
-    assert result.returncode == 0, failure_text(result)
-    tree = read_tree(output)
-    wanted = expect(*case.expected)
-    assert tree.entries == wanted.entries
-    assert tree.links == wanted.links
-    assert tree.problems == []
+    check_case_tree(tmp_path, case)
 
 
 ERROR_CASES = {
@@ -468,7 +462,7 @@ def test_mixed_layers_tree(tmp_path: Path) -> None:
     result, output = flatten(_mixed_archive(tmp_path), tmp_path / "out")
     assert result.returncode == 0, failure_text(result)
     tree = read_tree(output)
-    wanted = expect(
+    expected = expect(
         "b/",
         'b/c "c"',
         "etc/",
@@ -478,7 +472,7 @@ def test_mixed_layers_tree(tmp_path: Path) -> None:
         "usr/",
         'usr/new "n"',
     )
-    assert tree.entries == wanted.entries
+    assert tree.entries == expected.entries
     assert tree.problems == []
 
 
@@ -816,14 +810,7 @@ MORE_CASES = {
 
 @pytest.mark.parametrize("case", MORE_CASES.values(), ids=MORE_CASES.keys())
 def test_layer_encoding(tmp_path: Path, case: Case) -> None:
-    archive = docker_archive(tmp_path / "image.tar", case.image())
-    result, output = flatten(archive, tmp_path / "out")
-    assert result.returncode == 0, failure_text(result)
-    tree = read_tree(output)
-    wanted = expect(*case.expected)
-    assert tree.entries == wanted.entries
-    assert tree.links == wanted.links
-    assert tree.problems == []
+    check_case_tree(tmp_path, case)
 
 
 def test_entries_below_whiteout_name_dropped(tmp_path: Path) -> None:
@@ -1014,8 +1001,8 @@ def test_long_whiteout_name(tmp_path: Path) -> None:
     archive = docker_archive(tmp_path / "image.tar", image)
     result, output = flatten(archive, tmp_path / "out")
     assert result.returncode == 0, failure_text(result)
-    wanted = expect(f"{directory}/", f'{directory}/k "k"')
-    assert read_tree(output).entries == wanted.entries
+    expected = expect(f"{directory}/", f'{directory}/k "k"')
+    assert read_tree(output).entries == expected.entries
 
 
 def test_max_layer_size_enforced(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Pulls through a fault-injecting proxy in front of a real docker-registry.
 
 Every pull either completes with the right tree or fails with one clear
-line; the cache never holds a blob whose content does not hash to its name,
+line; the cache never contains a blob whose content does not hash to its name,
 and a re-run after a failure finishes. Also covered: ``kill -9`` and SIGINT
 mid-pull, concurrent pulls into one cache, a full disk, and credentials and
 tokens kept out of every output stream.

@@ -166,7 +166,7 @@ def _member_entry(name: str, member: tarfile.TarInfo, tar: tarfile.TarFile) -> E
         digest, size = _hash_stream(tar.extractfile(member))
         return replace(base, size=size, content=digest)
     if member.issym():
-        # Linux gives every symlink mode 0777, whatever its header says.
+        # Linux gives every symlink mode 0777, whatever mode its header records.
         return replace(base, mode=0o777, content=member.linkname)
     if member.ischr() or member.isblk():
         return replace(base, content=f"{member.devmajor},{member.devminor}")
