@@ -21,6 +21,13 @@ from zlib import adler32
 
 from .errors import InvalidInputError, UnsupportedError
 
+try:
+    from . import _ctar as _ctar  # re-exported for tarwrite
+except ImportError:  # not built: the Python code does all the work
+    _ctar = None  # type: ignore[assignment]
+if os.environ.get("PULLDOCKER_PURE_PYTHON"):
+    _ctar = None  # type: ignore[assignment]
+
 __all__ = [
     "BLOCK",
     "TarEntry",
@@ -48,6 +55,7 @@ _HEADER_ONLY_TYPES = frozenset({HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY,
 _MEMBER_TYPES = REGULAR_TYPES | {HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO}
 
 _PAX_TIME = re.compile(rb"-?[0-9]{1,20}(\.[0-9]{1,9})?")
+_SCAN_BATCH = 1024  # members per call into the compiled reader
 _MAX_META_SIZE = 16 * 1024 * 1024  # cap on one long name or PAX header
 _ZERO_BLOCK = bytes(BLOCK)
 # The ustar header fields, skipping the checksum (148:156) and the padding
@@ -139,7 +147,9 @@ def iter_entries(
     """Yield the members of the tar stored at ``fd`` in [start, start+length).
 
     PAX, GNU long-name and sparse headers are folded into the member they
-    describe. ``label`` names the layer or archive in error messages.
+    describe. ``label`` names the layer or archive in error messages. The
+    compiled reader, when it is built, reads the common members; each member
+    it leaves is read here.
 
     Raises:
         InvalidInputError: a header has a bad checksum, a field is malformed
@@ -149,6 +159,28 @@ def iter_entries(
     end = start + length
     window = _Window(fd, start, end)
     pos = start
+    while True:
+        if _ctar is not None:
+            entries, pos, status = _ctar.scan(fd, pos, end, _SCAN_BATCH, TarEntry)
+            yield from entries
+            if status == _ctar.DONE:
+                return
+            if status == _ctar.MORE:
+                continue
+        entry, pos = _read_member(window, pos, start, label)
+        if entry is None:
+            return
+        yield entry
+
+
+def _read_member(
+    window: _Window, pos: int, start: int, label: str
+) -> tuple[TarEntry | None, int]:
+    """Read the member whose headers start at ``pos``; None at the end.
+
+    Returns the member and the position of the next header.
+    """
+    end = window.end
     long_name: bytes | None = None
     long_link: bytes | None = None
     pax: dict[bytes, bytes] = {}
@@ -156,12 +188,12 @@ def iter_entries(
         block = window.read(pos, BLOCK)
         if len(block) < BLOCK:
             if not block.strip(b"\0"):
-                return  # no trailer: the region ended at a header boundary
+                return None, pos  # no trailer: the region ended at a header boundary
             raise InvalidInputError(
                 f"{label}: truncated tar header at byte {pos - start}"
             )
         if block == _ZERO_BLOCK:
-            return
+            return None, pos
         entry = _parse_header(block, pos - start, label)
         data_start = pos + BLOCK
         kind = entry.type
@@ -213,7 +245,7 @@ def iter_entries(
             raise UnsupportedError(
                 f"{label}: member {entry.name!r} has unsupported tar type {kind!r}"
             )
-        yield entry
+        return entry, pos
 
 
 def _padded(size: int) -> int:

@@ -17,6 +17,7 @@ from typing import BinaryIO
 from zlib import adler32
 
 from .flatten import BLK, CHR, DIR, FIFO_KIND, REG, SYM, Inode, Node, RootFS
+from .tarscan import _ctar
 
 __all__ = ["TarSink", "write_tree"]
 
@@ -207,6 +208,11 @@ def _header(path: bytes, inode: Inode, kind: int, size: int, linkname: bytes) ->
     ):
         # The usual entry: every field fits ustar, so no PAX header.
         typeflag = b"1" if kind == -1 else _TYPEFLAG[kind]
+        if _ctar is not None:
+            return _ctar.ustar_header(
+                path, inode.mode, inode.uid, inode.gid, size, inode.mtime,
+                typeflag, linkname, inode.uname, inode.gname,
+            )  # fmt: skip
         return _ustar_block(
             path, b"", inode.mode, inode.uid, inode.gid, size, inode.mtime,
             typeflag, linkname, inode.uname, inode.gname, 0, 0,
