@@ -140,6 +140,7 @@ def _convert(args: argparse.Namespace) -> int:
             progress=progress,
             tmpdir=args.tmpdir,
             max_layer_size=args.max_layer_size,
+            layers_verified=not is_local_source(args.source),
         )
     logger.info(
         "wrote %s: %d entries from %d layers of %s",

@@ -90,12 +90,16 @@ def convert(
     progress: ProgressListener | None = None,
     tmpdir: str | None = None,
     max_layer_size: int = DEFAULT_MAX_EXPANDED,
+    layers_verified: bool = False,
 ) -> ConvertResult:
     """Flatten the image in ``source`` into a rootfs tar at ``output``.
 
     ``source`` is an archive path, a directory (OCI layout or docker-archive
     directory) or ``-`` for stdin; ``output`` is a path or ``-`` for stdout.
     ``image`` picks one image of a multi-image archive by tag or index.
+    ``layers_verified`` says that ``source`` is pulldocker's own cache, whose
+    uncompressed layers were checked against their diff_ids when stored, so
+    they are not hashed again; compressed layers are always checked.
 
     Raises:
         PulldockerError: the input is invalid, a digest does not match or the
@@ -109,7 +113,7 @@ def convert(
             with ThreadPoolExecutor(max_workers=2) as pool:
                 try:
                     rootfs, source_fds, checks = _apply_layers(
-                        chosen, pool, archive, progress, max_layer_size
+                        chosen, pool, archive, progress, max_layer_size, layers_verified
                     )
                     entries = _write(rootfs, out.sink, source_fds, progress)
                     for layer, job in checks:
@@ -148,14 +152,16 @@ def _apply_layers(
     archive: Archive,
     progress: ProgressListener,
     max_layer_size: int,
+    layers_verified: bool,
 ) -> tuple[RootFS, list[int], list[tuple[LayerBlob, Future[Hashed]]]]:
     """Apply every layer to a new tree; return it, the data files and hash jobs."""
-    jobs: list[tuple[LayerBlob, Future[Hashed], int | None]] = []
+    jobs: list[tuple[LayerBlob, Future[Hashed] | None, int | None]] = []
     for layer in image.layers:
         head = os.pread(layer.fd, 8, layer.offset) if layer.size else b""
         compression = detect_compression(head)
         if compression == "none":
-            jobs.append((layer, pool.submit(_hash_plain, layer), None))
+            job = None if layers_verified else pool.submit(_hash_plain, layer)
+            jobs.append((layer, job, None))
             continue
         spool_fd, spool_path = tempfile.mkstemp(prefix="layer-", dir=archive.temp_dir())
         os.unlink(spool_path)
@@ -184,8 +190,10 @@ def _apply_layers(
         if spool is None:
             source_fds.append(layer.fd)
             region = (layer.fd, layer.offset, layer.size)
-            pending.append((layer, job))
+            if job is not None:
+                pending.append((layer, job))
         else:
+            assert job is not None
             source_fds.append(spool)
             hashed = job.result()
             layer.check.verify(hashed, layer.size)

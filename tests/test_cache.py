@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from hostile import docker_archive, file, sha256, tar_bytes
 
 from pulldocker.cache import ImageCache
+from pulldocker.convert import convert
 from pulldocker.errors import IntegrityError
 from pulldocker.pull import default_cache_dir
 
@@ -75,3 +77,25 @@ def test_record_moves_tag_to_latest_image(tmp_path: Path) -> None:
     assert entries[0]["RepoTags"] == ["x:sha256-a"]
     assert entries[1]["RepoTags"] == ["x:sha256-b", "x:1"]
     assert cache.find_entry("x:1") == entries[1]
+
+
+def test_converting_the_cache_trusts_only_uncompressed_layers(tmp_path: Path) -> None:
+    """layers_verified skips hashing uncompressed layers, never compressed ones.
+
+    The cache checks each uncompressed layer's diff_id before storing it, so
+    converting from the cache need not hash it again; a compressed layer's
+    diff_id is only known after decompressing, so it is always checked.
+    """
+    plain = tar_bytes([file("etc/hostname", b"box\n")])
+    wrong = [sha256(b"some other layer")]
+    plain_archive = docker_archive(tmp_path / "plain.tar", [plain], diff_ids=wrong)
+    output = tmp_path / "rootfs.tar"
+    with pytest.raises(IntegrityError, match="diff_id mismatch"):
+        convert(str(plain_archive), str(output))
+    assert not output.exists()
+    convert(str(plain_archive), str(output), layers_verified=True)
+    assert output.exists()
+
+    packed = docker_archive(tmp_path / "gz.tar", [gzip.compress(plain)], diff_ids=wrong)
+    with pytest.raises(IntegrityError, match="diff_id mismatch"):
+        convert(str(packed), str(tmp_path / "other.tar"), layers_verified=True)
