@@ -459,7 +459,7 @@ read_member(Window *w, PyTypeObject *entry_type, long long *pos, PyObject **entr
     int status = SCAN_PYTHON;
 
     for (;;) {
-        if (at == w->end) {
+        if (at >= w->end) { /* padding may end past the region */
             status = (long_name || long_link || pax.seen) ? SCAN_PYTHON : SCAN_DONE;
             goto out;
         }
@@ -592,7 +592,7 @@ scan(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "iLLiO!", &fd, &pos, &end, &limit, &PyType_Type,
                           &entry_type))
         return NULL;
-    if (pos < 0 || end < pos || limit <= 0) {
+    if (pos < 0 || end < 0 || limit <= 0) {
         PyErr_SetString(PyExc_ValueError, "bad region or limit");
         return NULL;
     }
