@@ -26,6 +26,9 @@
 #define READ_AHEAD (64 * 1024)
 /* Longer PAX headers or long names are left to the Python reader. */
 #define MAX_META (1024 * 1024)
+/* Regions ending beyond 2**60 are left to the Python reader, so that no
+ * offset arithmetic here can overflow. */
+#define MAX_OFFSET (1LL << 60)
 
 enum { SCAN_MORE = 0, SCAN_DONE = 1, SCAN_PYTHON = 2 };
 
@@ -598,6 +601,8 @@ scan(PyObject *module, PyObject *args)
     }
     if (find_slots((PyTypeObject *)entry_type) < 0)
         return NULL;
+    if (end > MAX_OFFSET) /* offsets this large are left to Python's integers */
+        return Py_BuildValue("(NLi)", PyList_New(0), pos, SCAN_PYTHON);
     Window w = {fd, end, 0, 0, 0, NULL};
     PyObject *entries = PyList_New(0);
     if (entries == NULL)

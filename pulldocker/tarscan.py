@@ -159,13 +159,15 @@ def iter_entries(
     end = start + length
     window = _Window(fd, start, end)
     pos = start
+    # The compiled reader works in 64-bit offsets; larger ones stay here.
+    compiled = _ctar if start >= 0 and end < 2**60 else None
     while True:
-        if _ctar is not None:
-            entries, pos, status = _ctar.scan(fd, pos, end, _SCAN_BATCH, TarEntry)
+        if compiled is not None:
+            entries, pos, status = compiled.scan(fd, pos, end, _SCAN_BATCH, TarEntry)
             yield from entries
-            if status == _ctar.DONE:
+            if status == compiled.DONE:
                 return
-            if status == _ctar.MORE:
+            if status == compiled.MORE:
                 continue
         entry, pos = _read_member(window, pos, start, label)
         if entry is None:
