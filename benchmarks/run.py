@@ -167,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if scaling and "scaling" in groups:
             rows.append(scaling_row([*scaling, plain], work, max(2, runs - 2)))
     print(format_table(rows))
+    if "flatten" in groups and rows[0].baseline is not None:
+        print()
+        print(floors(plain, gzipped, rows[0].baseline.median))
     if args.json:
         Path(args.json).write_text(json.dumps([_row_json(r) for r in rows], indent=2))
     failed = [r.name for r in rows if r.check.startswith("MISMATCH")]
@@ -550,6 +553,58 @@ def push(archive: Path, reference: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"skopeo push failed: {result.stderr.strip()[-300:]}")
+
+
+# -- lower bounds --------------------------------------------------------------------
+
+
+def floors(plain: Corpus, gzipped: Corpus, cp_seconds: float) -> str:
+    """Measure the work that no flattener checking diff_ids can skip.
+
+    Checking a diff_id means hashing every uncompressed layer byte with
+    SHA-256, and a gzip layer must also be inflated; the output must be
+    written, which costs at least what ``cp`` of the archive costs. Hashing
+    and inflating are timed here in CPU seconds over the corpus layers. Even
+    with every core busy all the time, a flatten cannot take less than the
+    sum of that work divided by the number of cores.
+    """
+    import hashlib
+
+    from pulldocker.archive import open_archive
+    from pulldocker.layers import decompress_to_file
+
+    chunk = 1024 * 1024
+    hash_cpu = inflate_cpu = 0.0
+    with open_archive(str(plain.archive)) as archive:
+        for layer in archive.select_image(None, None).layers:
+            digest = hashlib.sha256()
+            started = time.process_time()
+            for position in range(layer.offset, layer.offset + layer.size, chunk):
+                end = min(position + chunk, layer.offset + layer.size)
+                digest.update(os.pread(layer.fd, end - position, position))
+            hash_cpu += time.process_time() - started
+    with open_archive(str(gzipped.archive)) as archive, open(os.devnull, "wb") as sink:
+        for layer in archive.select_image(None, None).layers:
+            started = time.process_time()
+            decompress_to_file(
+                layer.fd, layer.offset, layer.size, "gzip", sink.fileno(), label=""
+            )
+            inflate_cpu += time.process_time() - started
+    cores = os.cpu_count() or 1
+    plain_floor = (hash_cpu + cp_seconds) / cores
+    gzip_floor = (hash_cpu + inflate_cpu + cp_seconds) / cores
+    return "\n".join(
+        [
+            f"Lower bounds with diff_ids checked ({cores} cores, "
+            f"cp {cp_seconds:.2f} s):",
+            f"* SHA-256 of the {plain.layer_bytes() / 1e9:.2f} GB of layers takes "
+            f"{hash_cpu:.2f} s of CPU; inflating the gzip layers {inflate_cpu:.2f} s",
+            f"* flatten, uncompressed >= (hash + cp) / cores = {plain_floor:.2f} s "
+            f"= {plain_floor / cp_seconds:.2f} x cp",
+            f"* flatten, gzip layers >= (hash + inflate + cp) / cores = "
+            f"{gzip_floor:.2f} s = {gzip_floor / cp_seconds:.2f} x cp",
+        ]
+    )
 
 
 # -- reporting -------------------------------------------------------------------
