@@ -562,8 +562,8 @@ def floors(plain: Corpus, gzipped: Corpus, cp_seconds: float) -> str:
     """Measure the work that no flattener checking diff_ids can skip.
 
     Checking a diff_id means hashing every uncompressed layer byte with
-    SHA-256, and a gzip layer must also be inflated; the output must be
-    written, which costs at least what ``cp`` of the archive costs. Hashing
+    SHA-256, and a gzip layer must also be inflated. Writing the output
+    costs at least what ``cp`` of the archive costs. Hashing
     and inflating are timed here in CPU seconds over the corpus layers. Even
     with every core busy all the time, a flatten cannot take less than the
     sum of that work divided by the number of cores.
