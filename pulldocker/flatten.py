@@ -220,6 +220,9 @@ class RootFS:
     def __init__(self) -> None:
         self.root = Node(b"", None, Inode(DIR, None, -1), -1)
         self.skipped_whiteout_dirs = 0
+        # Directories found by walking plain directories from the root, by
+        # path. Adding nodes keeps every entry right; any removal clears it.
+        self._dirs: dict[tuple[bytes, ...], Node] = {}
 
     # -- applying one layer -------------------------------------------------
 
@@ -287,6 +290,7 @@ class RootFS:
         if existing is not None:
             del parent.children[base]
             existing.parent = None
+            self._dirs.clear()
 
         if entry.type == HARDLINK:
             inode = self._hardlink_target(entry, label)
@@ -343,6 +347,7 @@ class RootFS:
             return
         del parent.children[target]
         victim.parent = None
+        self._dirs.clear()
 
     def _apply_opaque(
         self, dir_parts: tuple[bytes, ...], layer: int, label: str, name: bytes
@@ -389,6 +394,7 @@ class RootFS:
                 continue
             del directory.children[name]
             child.parent = None
+            self._dirs.clear()
 
     def _has_written(self, node: Node, layer: int) -> bool:
         if node.layer == layer:
@@ -403,6 +409,9 @@ class RootFS:
         self, parts: tuple[bytes, ...], layer: int, label: str, name: bytes
     ) -> Node:
         """Walk ``parts`` from the root, following symlinks, creating missing dirs."""
+        node = self._dirs.get(parts)
+        if node is not None:
+            return node
         node = self.root
         for depth, part in enumerate(parts):
             assert node.children is not None
@@ -412,6 +421,7 @@ class RootFS:
                 rest = parts[depth:]
                 return self._resolve_dir_slowly(node, rest, layer, label, name)
             node = child
+        self._dirs[parts] = node
         return node
 
     def _resolve_dir_slowly(
