@@ -349,7 +349,10 @@ find_slots(PyTypeObject *entry_type)
     for (int i = 0; i < F_COUNT; i++) {
         PyObject *descriptor = PyDict_GetItemWithError(entry_type->tp_dict,
                                                        field_objects[i]);
-        if (descriptor == NULL || !PyObject_TypeCheck(descriptor, &PyMemberDescr_Type)) {
+        /* The descriptor must belong to entry_type itself, or its offset
+         * could lie outside the instances that tp_alloc makes. */
+        if (descriptor == NULL || !PyObject_TypeCheck(descriptor, &PyMemberDescr_Type) ||
+            PyDescr_TYPE(descriptor) != entry_type) {
             if (!PyErr_Occurred())
                 PyErr_Format(PyExc_TypeError, "%s has no slot %U",
                              entry_type->tp_name, field_objects[i]);
@@ -641,16 +644,45 @@ put_octal(char *field, int width, long long value)
     }
 }
 
+/* Convert an integer to long long; ValueError when it does not fit. */
+static int
+as_long_long(PyObject *number, long long *value)
+{
+    int overflow;
+    *value = PyLong_AsLongLongAndOverflow(number, &overflow);
+    if (*value == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow) {
+        PyErr_SetString(PyExc_ValueError, "field does not fit a ustar header");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 ustar_header(PyObject *module, PyObject *args)
 {
     Py_buffer name, linkname, uname, gname;
+    PyObject *mode_object, *numbers[4];
     long long mode, uid, gid, size, mtime;
     char typeflag;
-    if (!PyArg_ParseTuple(args, "y*LLLLLcy*y*y*", &name, &mode, &uid, &gid, &size,
-                          &mtime, &typeflag, &linkname, &uname, &gname))
+    if (!PyArg_ParseTuple(args, "y*OOOOOcy*y*y*", &name, &mode_object, &numbers[0],
+                          &numbers[1], &numbers[2], &numbers[3], &typeflag, &linkname,
+                          &uname, &gname))
         return NULL;
     PyObject *result = NULL;
+    /* Only the permission bits count, as in the Python writer. */
+    PyObject *mask = PyLong_FromLong(07777);
+    PyObject *masked = mask ? PyNumber_And(mode_object, mask) : NULL;
+    int failed = masked == NULL || as_long_long(masked, &mode) < 0 ||
+                 as_long_long(numbers[0], &uid) < 0 ||
+                 as_long_long(numbers[1], &gid) < 0 ||
+                 as_long_long(numbers[2], &size) < 0 ||
+                 as_long_long(numbers[3], &mtime) < 0;
+    Py_XDECREF(mask);
+    Py_XDECREF(masked);
+    if (failed)
+        goto done;
     if (name.len > 100 || linkname.len > 100 || uname.len > 32 || gname.len > 32 ||
         uid < 0 || uid >= (1LL << 21) || gid < 0 || gid >= (1LL << 21) || size < 0 ||
         size >= (1LL << 33) || mtime < 0 || mtime >= (1LL << 33)) {
