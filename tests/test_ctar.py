@@ -33,9 +33,10 @@ from unittest import mock
 
 import pytest
 import zstandard
+from fuzzing import fuzz_settings
 from harness import PUBLIC_FIXTURES, REPO
 from hostile import END, pax_member, raw_header, raw_member
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from pulldocker import tarscan, tarwrite
@@ -43,26 +44,10 @@ from pulldocker.tarscan import TarEntry
 
 ctar = pytest.importorskip("pulldocker._ctar")
 
-LONG_RUN = os.environ.get("PULLDOCKER_FUZZ_EXAMPLES")
-EXAMPLES = int(LONG_RUN) if LONG_RUN else 150
+SHORT_PASS = 150  # examples per target in CI
 BLOCK = 512
 MAX_ID = 8**7  # the first uid or gid that does not fit the 8-byte octal field
 MAX_SIZE = 8**11  # the same for the 12-byte size and mtime fields
-
-
-def fuzz_settings(share: float = 1.0) -> settings:
-    """Return settings for a short fixed-seed pass, or a long run with LONG_RUN."""
-    return settings(
-        max_examples=max(1, int(EXAMPLES * share)),
-        derandomize=not LONG_RUN,
-        deadline=None,
-        database=None,
-        suppress_health_check=[
-            HealthCheck.too_slow,
-            HealthCheck.data_too_large,
-            HealthCheck.filter_too_much,
-        ],
-    )
 
 
 # -- running both readers -------------------------------------------------------
@@ -490,7 +475,7 @@ regions = st.tuples(
 )
 
 
-@fuzz_settings()
+@fuzz_settings(SHORT_PASS)
 @given(generated_tar(), regions)
 def test_generated_tars_readers_agree(data: bytes, region: tuple[bytes, bytes]) -> None:
     """Tars from tarfile (ustar, GNU, PAX) and by hand read the same both ways."""
@@ -498,7 +483,7 @@ def test_generated_tars_readers_agree(data: bytes, region: tuple[bytes, bytes]) 
     assert_readers_agree(data, prefix, suffix)
 
 
-@fuzz_settings()
+@fuzz_settings(SHORT_PASS)
 @given(mutated_tars(), regions)
 def test_mutated_tars_readers_agree(
     stages: list[bytes], region: tuple[bytes, bytes]
@@ -811,7 +796,7 @@ LARGEST = (
 )
 
 
-@fuzz_settings()
+@fuzz_settings(SHORT_PASS)
 @given(st.tuples(*FITTING_FIELDS))
 @example(LARGEST)
 @example((b"", 0, 0, 0, 0, 0, b"0", b"", b"", b""))

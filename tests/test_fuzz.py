@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from fuzzing import fuzz_settings
 from hostile import (
     END,
     directory,
@@ -37,27 +38,15 @@ from hostile import (
     symlink,
     tar_bytes,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pulldocker import archive, auth, manifest, platform, pull, reference, tarscan
 from pulldocker.convert import convert
 from pulldocker.errors import PulldockerError
 
-LONG_RUN = os.environ.get("PULLDOCKER_FUZZ_EXAMPLES")
-EXAMPLES = int(LONG_RUN) if LONG_RUN else 200
+SHORT_PASS = 200  # examples per target in CI
 HANG_SECONDS = 10
-
-
-def fuzz_settings(share: float = 1.0) -> settings:
-    """Settings for one target: a fixed-seed short pass unless LONG_RUN is set."""
-    return settings(
-        max_examples=max(1, int(EXAMPLES * share)),
-        derandomize=not LONG_RUN,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 class Hang(Exception):
@@ -203,14 +192,14 @@ def scan_all(data: bytes) -> None:
         os.close(fd)
 
 
-@fuzz_settings()
+@fuzz_settings(SHORT_PASS)
 @given(mutated(SEED_LAYERS) | st.binary(max_size=4096) | tar_header_bytes())
 def test_tarscan_only_pulldocker_errors(data: bytes) -> None:
     with contextlib.suppress(PulldockerError), time_limit():
         scan_all(data)
 
 
-@fuzz_settings(0.5)
+@fuzz_settings(SHORT_PASS, 0.5)
 @given(mutated(SEED_ARCHIVES))
 def test_archive_select_only_pulldocker_errors(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as scratch:
@@ -224,7 +213,7 @@ def test_archive_select_only_pulldocker_errors(data: bytes) -> None:
             opened.select_image(None, None)
 
 
-@fuzz_settings(0.5)
+@fuzz_settings(SHORT_PASS, 0.5)
 @given(mutated(SEED_ARCHIVES))
 def test_convert_only_pulldocker_errors(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as scratch:
@@ -304,7 +293,7 @@ class _FuzzSource:
         return self.documents[-1]
 
 
-@fuzz_settings()
+@fuzz_settings(SHORT_PASS)
 @given(
     st.lists(json_values.map(lambda v: json.dumps(v).encode()), min_size=1, max_size=3),
     st.sampled_from(
@@ -321,7 +310,7 @@ def test_registry_resolve_only_pulldocker_errors(
         pull._resolve(source, ref, requested)  # type: ignore[arg-type]
 
 
-@fuzz_settings()
+@fuzz_settings(SHORT_PASS)
 @given(st.binary(max_size=512) | mutated([b'{"schemaVersion":2,"manifests":[]}']))
 def test_manifest_parse_only_pulldocker_errors(raw: bytes) -> None:
     with contextlib.suppress(PulldockerError), time_limit():
@@ -333,7 +322,7 @@ def test_manifest_parse_only_pulldocker_errors(raw: bytes) -> None:
             parsed.layers  # noqa: B018
 
 
-@fuzz_settings()
+@fuzz_settings(SHORT_PASS)
 @given(json_values)
 def test_index_select_only_pulldocker_errors(document: object) -> None:
     """Index entries as archive.py reads them from an OCI layout's index.json."""
@@ -345,7 +334,7 @@ def test_index_select_only_pulldocker_errors(document: object) -> None:
         )
 
 
-@fuzz_settings()
+@fuzz_settings(SHORT_PASS)
 @given(st.text(max_size=80) | st.from_regex(r"[a-z0-9.:/@_-]{1,60}", fullmatch=True))
 def test_reference_parse_only_pulldocker_errors(text: str) -> None:
     with contextlib.suppress(PulldockerError), time_limit():
@@ -354,7 +343,7 @@ def test_reference_parse_only_pulldocker_errors(text: str) -> None:
         parsed.scope()
 
 
-@fuzz_settings()
+@fuzz_settings(SHORT_PASS)
 @given(
     st.lists(
         st.text(max_size=80)
@@ -370,7 +359,7 @@ def test_challenge_parse_never_raises(lines: list[str]) -> None:
             challenge.scopes  # noqa: B018
 
 
-@fuzz_settings()
+@fuzz_settings(SHORT_PASS)
 @given(st.text(max_size=40))
 def test_platform_parse_only_pulldocker_errors(text: str) -> None:
     with contextlib.suppress(PulldockerError):
