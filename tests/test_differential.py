@@ -242,6 +242,11 @@ def random_entry(rng: random.Random, model: Model, written: list[Entry]) -> Entr
     if operation == "duplicate" and earlier:
         entry = rng.choice(earlier)
         if model.where(str(entry.name).rstrip("/")) is not None:
+            if entry.kind == "hardlink" and str(entry.link) in model.metadata:
+                # A hardlink header repeats its file's mode and mtime as they
+                # are now, which a later entry may have changed.
+                mode, mtime = model.metadata[str(entry.link)]
+                return replace(entry, mode=mode, mtime=mtime)
             return replace(entry)
     if operation == "retype":
         name = some_path(rng, model)
