@@ -7,8 +7,8 @@
  * input are left to tarscan.py: at anything else (a bad checksum, a
  * base-256 or malformed number, a global or sparse header, a truncated
  * member, an unknown type) scan() stops at the header that starts that
- * member and says so, and tarscan.py reads that member in Python, where
- * every error is reported. tests/test_ctar.py compares the two readers.
+ * member and returns SCAN_PYTHON. tarscan.py then reads that member in
+ * Python, which reports every error. tests/test_ctar.py compares the two readers.
  *
  * ustar_header() builds one ustar header block from fields that fit it.
  */
@@ -18,7 +18,6 @@
 #include <structmember.h>
 
 #include <errno.h>
-#include <stdint.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -29,6 +28,11 @@
 /* Regions ending beyond 2**60 are left to the Python reader, so that no
  * offset arithmetic here can overflow. */
 #define MAX_OFFSET (1LL << 60)
+
+/* The first values too large for the 8-byte (uid, gid) and 12-byte (size,
+ * mtime) octal fields of a ustar header: 8**7 and 8**11. */
+#define MAX_ID (1LL << 21)
+#define MAX_SIZE (1LL << 33)
 
 enum { SCAN_MORE = 0, SCAN_DONE = 1, SCAN_PYTHON = 2 };
 
@@ -49,50 +53,50 @@ static PyObject *field_objects[F_COUNT];
 typedef struct {
     int fd;
     long long end;
-    long long buf_start;
-    Py_ssize_t buf_len;
-    Py_ssize_t cap;
-    char *buf;
+    long long buffer_start;
+    Py_ssize_t buffer_length;
+    Py_ssize_t capacity;
+    char *buffer;
 } Window;
 
 /*
- * Make [pos, pos + length) available; return a pointer to it, or NULL when
- * the region or the file ends first or the read fails.
+ * Make [pos, pos + length) available and return a pointer to it. Return
+ * NULL when the region or the file ends first or the read fails.
  */
 static const char *
-window_get(Window *w, long long pos, Py_ssize_t length)
+window_get(Window *window, long long pos, Py_ssize_t length)
 {
-    if (pos >= w->buf_start && pos + length <= w->buf_start + w->buf_len)
-        return w->buf + (pos - w->buf_start);
-    if (length > w->end - pos)
+    if (pos >= window->buffer_start && pos + length <= window->buffer_start + window->buffer_length)
+        return window->buffer + (pos - window->buffer_start);
+    if (length > window->end - pos)
         return NULL;
     long long want = length > READ_AHEAD ? length : READ_AHEAD;
-    if (want > w->end - pos)
-        want = w->end - pos;
-    if (want > w->cap) {
-        char *bigger = PyMem_Realloc(w->buf, (size_t)want);
+    if (want > window->end - pos)
+        want = window->end - pos;
+    if (want > window->capacity) {
+        char *bigger = PyMem_Realloc(window->buffer, (size_t)want);
         if (bigger == NULL)
             return NULL;
-        w->buf = bigger;
-        w->cap = (Py_ssize_t)want;
+        window->buffer = bigger;
+        window->capacity = (Py_ssize_t)want;
     }
     Py_ssize_t got = 0;
     while (got < want) {
-        ssize_t n;
+        ssize_t count;
         Py_BEGIN_ALLOW_THREADS
-        n = pread(w->fd, w->buf + got, (size_t)(want - got), (off_t)(pos + got));
+        count = pread(window->fd, window->buffer + got, (size_t)(want - got), (off_t)(pos + got));
         Py_END_ALLOW_THREADS
-        if (n < 0 && errno == EINTR)
+        if (count < 0 && errno == EINTR)
             continue;
-        if (n <= 0)
+        if (count <= 0)
             break;
-        got += n;
+        got += count;
     }
-    w->buf_start = pos;
-    w->buf_len = got;
+    window->buffer_start = pos;
+    window->buffer_length = got;
     if (got < length)
         return NULL;
-    return w->buf;
+    return window->buffer;
 }
 
 /*
@@ -120,7 +124,7 @@ parse_octal(const char *field, int width, long long *value)
     return 0;
 }
 
-/* Parse ASCII decimal digits only (at most 18); -1 otherwise. */
+/* Parse 1 to 18 ASCII decimal digits. Return -1 for anything else. */
 static int
 parse_decimal(const char *text, Py_ssize_t length, long long *value)
 {
@@ -155,7 +159,7 @@ typedef struct {
     long long mode, uid, gid, size, mtime, devmajor, devminor;
 } Member;
 
-/* The PAX records seen so far for the next member; NULL means not given. */
+/* The PAX records seen so far for the next member. NULL means not given. */
 typedef struct {
     PyObject *path, *linkpath, *uname, *gname, *mtime_text, *xattrs;
     long long size, uid, gid, mtime;
@@ -163,33 +167,33 @@ typedef struct {
 } Pax;
 
 static void
-pax_clear(Pax *p)
+pax_clear(Pax *pax)
 {
-    Py_CLEAR(p->path);
-    Py_CLEAR(p->linkpath);
-    Py_CLEAR(p->uname);
-    Py_CLEAR(p->gname);
-    Py_CLEAR(p->mtime_text);
-    Py_CLEAR(p->xattrs);
-    p->has_size = p->has_uid = p->has_gid = p->has_mtime = p->seen = 0;
+    Py_CLEAR(pax->path);
+    Py_CLEAR(pax->linkpath);
+    Py_CLEAR(pax->uname);
+    Py_CLEAR(pax->gname);
+    Py_CLEAR(pax->mtime_text);
+    Py_CLEAR(pax->xattrs);
+    pax->has_size = pax->has_uid = pax->has_gid = pax->has_mtime = pax->seen = 0;
 }
 
 static void
-member_clear(Member *m)
+member_clear(Member *member)
 {
-    Py_CLEAR(m->name);
-    Py_CLEAR(m->linkname);
-    Py_CLEAR(m->uname);
-    Py_CLEAR(m->gname);
-    Py_CLEAR(m->mtime_text);
-    Py_CLEAR(m->xattrs);
+    Py_CLEAR(member->name);
+    Py_CLEAR(member->linkname);
+    Py_CLEAR(member->uname);
+    Py_CLEAR(member->gname);
+    Py_CLEAR(member->mtime_text);
+    Py_CLEAR(member->xattrs);
 }
 
 static int
 starts_with(const char *text, Py_ssize_t length, const char *prefix)
 {
-    size_t n = strlen(prefix);
-    return (size_t)length >= n && memcmp(text, prefix, n) == 0;
+    size_t prefix_length = strlen(prefix);
+    return (size_t)length >= prefix_length && memcmp(text, prefix, prefix_length) == 0;
 }
 
 static int
@@ -198,7 +202,7 @@ equals(const char *text, Py_ssize_t length, const char *word)
     return (size_t)length == strlen(word) && memcmp(text, word, (size_t)length) == 0;
 }
 
-/* Replace *slot with a new bytes object; -1 on memory error. */
+/* Replace *slot with a new bytes object. Return -1 on a memory error. */
 static int
 set_bytes(PyObject **slot, const char *text, Py_ssize_t length)
 {
@@ -211,7 +215,7 @@ set_bytes(PyObject **slot, const char *text, Py_ssize_t length)
 
 /*
  * Parse a PAX time: an optional minus, 1 to 18 digits, and an optional
- * fraction of 1 to 9 digits. Sets *seconds and *fraction (1 if present).
+ * fraction of 1 to 9 digits. Set *seconds, and *fraction to 1 if present.
  */
 static int
 parse_pax_time(const char *text, Py_ssize_t length, long long *seconds, int *fraction)
@@ -245,14 +249,14 @@ parse_pax_time(const char *text, Py_ssize_t length, long long *seconds, int *fra
 }
 
 /*
- * Read PAX records into *p. Return 0, 1 to leave the member to Python, or
+ * Read PAX records into *pax. Return 0, 1 to leave the member to Python, or
  * -1 on a memory error.
  */
 static int
-parse_pax(const char *data, Py_ssize_t size, Pax *p)
+parse_pax(const char *data, Py_ssize_t size, Pax *pax)
 {
     Py_ssize_t pos = 0;
-    p->seen = 1;
+    pax->seen = 1;
     while (pos < size) {
         if (data[pos] == '\0')
             break;
@@ -277,52 +281,53 @@ parse_pax(const char *data, Py_ssize_t size, Pax *p)
         Py_ssize_t value_length = record_end - value;
         long long number;
         if (equals(record, key_length, "path")) {
-            if (set_bytes(&p->path, value, value_length) < 0)
+            if (set_bytes(&pax->path, value, value_length) < 0)
                 return -1;
         } else if (equals(record, key_length, "linkpath")) {
-            if (set_bytes(&p->linkpath, value, value_length) < 0)
+            if (set_bytes(&pax->linkpath, value, value_length) < 0)
                 return -1;
         } else if (equals(record, key_length, "uname")) {
-            if (set_bytes(&p->uname, value, value_length) < 0)
+            if (set_bytes(&pax->uname, value, value_length) < 0)
                 return -1;
         } else if (equals(record, key_length, "gname")) {
-            if (set_bytes(&p->gname, value, value_length) < 0)
+            if (set_bytes(&pax->gname, value, value_length) < 0)
                 return -1;
         } else if (equals(record, key_length, "size")) {
             if (parse_decimal(value, value_length, &number) < 0)
                 return 1;
-            p->size = number;
-            p->has_size = 1;
+            pax->size = number;
+            pax->has_size = 1;
         } else if (equals(record, key_length, "uid")) {
             if (parse_decimal(value, value_length, &number) < 0)
                 return 1;
-            p->uid = number;
-            p->has_uid = 1;
+            pax->uid = number;
+            pax->has_uid = 1;
         } else if (equals(record, key_length, "gid")) {
             if (parse_decimal(value, value_length, &number) < 0)
                 return 1;
-            p->gid = number;
-            p->has_gid = 1;
+            pax->gid = number;
+            pax->has_gid = 1;
         } else if (equals(record, key_length, "mtime")) {
             int fraction;
             if (parse_pax_time(value, value_length, &number, &fraction) < 0)
                 return 1;
-            p->mtime = number;
-            p->has_mtime = 1;
+            pax->mtime = number;
+            pax->has_mtime = 1;
             if (fraction) {
-                if (set_bytes(&p->mtime_text, value, value_length) < 0)
+                if (set_bytes(&pax->mtime_text, value, value_length) < 0)
                     return -1;
             } else {
-                Py_CLEAR(p->mtime_text);
+                Py_CLEAR(pax->mtime_text);
             }
         } else if (starts_with(record, key_length, "SCHILY.xattr.")) {
-            if (p->xattrs == NULL && (p->xattrs = PyDict_New()) == NULL)
+            if (pax->xattrs == NULL && (pax->xattrs = PyDict_New()) == NULL)
                 return -1;
-            PyObject *k = PyBytes_FromStringAndSize(record + 13, key_length - 13);
-            PyObject *v = PyBytes_FromStringAndSize(value, value_length);
-            int failed = k == NULL || v == NULL || PyDict_SetItem(p->xattrs, k, v) < 0;
-            Py_XDECREF(k);
-            Py_XDECREF(v);
+            PyObject *name = PyBytes_FromStringAndSize(record + 13, key_length - 13);
+            PyObject *content = PyBytes_FromStringAndSize(value, value_length);
+            int failed = name == NULL || content == NULL ||
+                         PyDict_SetItem(pax->xattrs, name, content) < 0;
+            Py_XDECREF(name);
+            Py_XDECREF(content);
             if (failed)
                 return -1;
         } else if (starts_with(record, key_length, "GNU.sparse.")) {
@@ -370,25 +375,25 @@ find_slots(PyTypeObject *entry_type)
     return 0;
 }
 
-/* Build a TarEntry from *m; NULL on a memory error. */
+/* Build a TarEntry from *member, or return NULL on a memory error. */
 static PyObject *
-make_entry(PyTypeObject *entry_type, Member *m, char typeflag, long long offset)
+make_entry(PyTypeObject *entry_type, Member *member, char typeflag, long long offset)
 {
     PyObject *values[F_COUNT];
-    values[F_NAME] = Py_NewRef(m->name);
+    values[F_NAME] = Py_NewRef(member->name);
     values[F_TYPE] = PyBytes_FromStringAndSize(&typeflag, 1);
-    values[F_MODE] = PyLong_FromLongLong(m->mode);
-    values[F_UID] = PyLong_FromLongLong(m->uid);
-    values[F_GID] = PyLong_FromLongLong(m->gid);
-    values[F_UNAME] = Py_NewRef(m->uname);
-    values[F_GNAME] = Py_NewRef(m->gname);
-    values[F_MTIME] = PyLong_FromLongLong(m->mtime);
-    values[F_MTIME_TEXT] = Py_NewRef(m->mtime_text ? m->mtime_text : Py_None);
-    values[F_SIZE] = PyLong_FromLongLong(m->size);
-    values[F_LINKNAME] = Py_NewRef(m->linkname);
-    values[F_DEVMAJOR] = PyLong_FromLongLong(m->devmajor);
-    values[F_DEVMINOR] = PyLong_FromLongLong(m->devminor);
-    values[F_XATTRS] = Py_NewRef(m->xattrs ? m->xattrs : Py_None);
+    values[F_MODE] = PyLong_FromLongLong(member->mode);
+    values[F_UID] = PyLong_FromLongLong(member->uid);
+    values[F_GID] = PyLong_FromLongLong(member->gid);
+    values[F_UNAME] = Py_NewRef(member->uname);
+    values[F_GNAME] = Py_NewRef(member->gname);
+    values[F_MTIME] = PyLong_FromLongLong(member->mtime);
+    values[F_MTIME_TEXT] = Py_NewRef(member->mtime_text ? member->mtime_text : Py_None);
+    values[F_SIZE] = PyLong_FromLongLong(member->size);
+    values[F_LINKNAME] = Py_NewRef(member->linkname);
+    values[F_DEVMAJOR] = PyLong_FromLongLong(member->devmajor);
+    values[F_DEVMINOR] = PyLong_FromLongLong(member->devminor);
+    values[F_XATTRS] = Py_NewRef(member->xattrs ? member->xattrs : Py_None);
     values[F_OFFSET] = PyLong_FromLongLong(offset);
     values[F_SPARSE] = Py_NewRef(Py_None);
     values[F_REAL_SIZE] = PyLong_FromLong(0);
@@ -404,22 +409,23 @@ make_entry(PyTypeObject *entry_type, Member *m, char typeflag, long long offset)
             Py_XDECREF(values[i]);
         return NULL;
     }
-    /* tp_alloc zero-fills, so every slot starts empty; each takes a value. */
+    /* tp_alloc zero-fills, so every slot starts empty and takes one value. */
     for (int i = 0; i < F_COUNT; i++)
         *(PyObject **)((char *)entry + slot_offsets[i]) = values[i];
     return entry;
 }
 
 static int
-is_member_type(char t)
+is_member_type(char typeflag)
 {
-    return t == '0' || t == '\0' || t == '7' || (t >= '1' && t <= '6');
+    return typeflag == '0' || typeflag == '\0' || typeflag == '7' ||
+           (typeflag >= '1' && typeflag <= '6');
 }
 
 static int
-is_header_only_type(char t)
+is_header_only_type(char typeflag)
 {
-    return t >= '1' && t <= '6';
+    return typeflag >= '1' && typeflag <= '6';
 }
 
 /*
@@ -454,24 +460,24 @@ byte_sum(const unsigned char *block)
  * error. *pos moves past the member only on SCAN_MORE.
  */
 static int
-read_member(Window *w, PyTypeObject *entry_type, long long *pos, PyObject **entry)
+read_member(Window *window, PyTypeObject *entry_type, long long *pos, PyObject **entry)
 {
     long long at = *pos;
-    Member m;
+    Member member;
     Pax pax;
-    memset(&m, 0, sizeof m);
+    memset(&member, 0, sizeof member);
     memset(&pax, 0, sizeof pax);
     PyObject *long_name = NULL, *long_link = NULL;
     int status = SCAN_PYTHON;
 
     for (;;) {
-        if (at >= w->end) { /* padding may end past the region */
+        if (at >= window->end) { /* padding may end past the region */
             status = (long_name || long_link || pax.seen) ? SCAN_PYTHON : SCAN_DONE;
             goto out;
         }
-        const unsigned char *block = (const unsigned char *)window_get(w, at, BLOCK);
+        const unsigned char *block = (const unsigned char *)window_get(window, at, BLOCK);
         if (block == NULL)
-            goto out; /* a partial block: Python decides */
+            goto out; /* a partial block, which Python reads */
         unsigned int total = byte_sum(block);
         if (total == 0) { /* a zero block ends the archive */
             status = (long_name || long_link || pax.seen) ? SCAN_PYTHON : SCAN_DONE;
@@ -479,20 +485,20 @@ read_member(Window *w, PyTypeObject *entry_type, long long *pos, PyObject **entr
         }
         if (!checksum_ok(block, total))
             goto out;
-        const char *b = (const char *)block;
+        const char *header = (const char *)block;
         long long size, mode, uid, gid, mtime, devmajor, devminor;
-        if (parse_octal(b + 100, 8, &mode) < 0 || parse_octal(b + 108, 8, &uid) < 0 ||
-            parse_octal(b + 116, 8, &gid) < 0 || parse_octal(b + 124, 12, &size) < 0 ||
-            parse_octal(b + 136, 12, &mtime) < 0 ||
-            parse_octal(b + 329, 8, &devmajor) < 0 ||
-            parse_octal(b + 337, 8, &devminor) < 0)
+        if (parse_octal(header + 100, 8, &mode) < 0 || parse_octal(header + 108, 8, &uid) < 0 ||
+            parse_octal(header + 116, 8, &gid) < 0 || parse_octal(header + 124, 12, &size) < 0 ||
+            parse_octal(header + 136, 12, &mtime) < 0 ||
+            parse_octal(header + 329, 8, &devmajor) < 0 ||
+            parse_octal(header + 337, 8, &devminor) < 0)
             goto out;
-        char typeflag = b[156];
+        char typeflag = header[156];
         long long data_start = at + BLOCK;
         if (typeflag == 'x' || typeflag == 'L' || typeflag == 'K') {
             if (size > MAX_META)
                 goto out;
-            const char *data = window_get(w, data_start, (Py_ssize_t)size);
+            const char *data = window_get(window, data_start, (Py_ssize_t)size);
             if (data == NULL)
                 goto out;
             if (typeflag == 'x') {
@@ -515,74 +521,74 @@ read_member(Window *w, PyTypeObject *entry_type, long long *pos, PyObject **entr
             goto out; /* global headers, sparse files, volume labels, errors */
 
         /* The member's own header. */
-        Py_ssize_t name_length = field_length(b, 100);
-        if (b[345] && memcmp(b + 257, "ustar\0", 6) == 0) {
-            Py_ssize_t prefix_length = field_length(b + 345, 155);
-            m.name = PyBytes_FromStringAndSize(NULL, prefix_length + 1 + name_length);
-            if (m.name == NULL) {
+        Py_ssize_t name_length = field_length(header, 100);
+        if (header[345] && memcmp(header + 257, "ustar\0", 6) == 0) {
+            Py_ssize_t prefix_length = field_length(header + 345, 155);
+            member.name = PyBytes_FromStringAndSize(NULL, prefix_length + 1 + name_length);
+            if (member.name == NULL) {
                 status = -1;
                 goto out;
             }
-            char *text = PyBytes_AS_STRING(m.name);
-            memcpy(text, b + 345, (size_t)prefix_length);
+            char *text = PyBytes_AS_STRING(member.name);
+            memcpy(text, header + 345, (size_t)prefix_length);
             text[prefix_length] = '/';
-            memcpy(text + prefix_length + 1, b, (size_t)name_length);
-        } else if (set_bytes(&m.name, b, name_length) < 0) {
+            memcpy(text + prefix_length + 1, header, (size_t)name_length);
+        } else if (set_bytes(&member.name, header, name_length) < 0) {
             status = -1;
             goto out;
         }
-        if (set_bytes(&m.linkname, b + 157, field_length(b + 157, 100)) < 0 ||
-            set_bytes(&m.uname, b + 265, field_length(b + 265, 32)) < 0 ||
-            set_bytes(&m.gname, b + 297, field_length(b + 297, 32)) < 0) {
+        if (set_bytes(&member.linkname, header + 157, field_length(header + 157, 100)) < 0 ||
+            set_bytes(&member.uname, header + 265, field_length(header + 265, 32)) < 0 ||
+            set_bytes(&member.gname, header + 297, field_length(header + 297, 32)) < 0) {
             status = -1;
             goto out;
         }
-        m.mode = mode & 07777;
-        m.uid = uid;
-        m.gid = gid;
-        m.size = size;
-        m.mtime = mtime;
-        m.devmajor = devmajor;
-        m.devminor = devminor;
+        member.mode = mode & 07777;
+        member.uid = uid;
+        member.gid = gid;
+        member.size = size;
+        member.mtime = mtime;
+        member.devmajor = devmajor;
+        member.devminor = devminor;
         if (long_name)
-            Py_SETREF(m.name, Py_NewRef(long_name));
+            Py_SETREF(member.name, Py_NewRef(long_name));
         if (long_link)
-            Py_SETREF(m.linkname, Py_NewRef(long_link));
+            Py_SETREF(member.linkname, Py_NewRef(long_link));
         if (pax.path)
-            Py_SETREF(m.name, Py_NewRef(pax.path));
+            Py_SETREF(member.name, Py_NewRef(pax.path));
         if (pax.linkpath)
-            Py_SETREF(m.linkname, Py_NewRef(pax.linkpath));
+            Py_SETREF(member.linkname, Py_NewRef(pax.linkpath));
         if (pax.uname)
-            Py_SETREF(m.uname, Py_NewRef(pax.uname));
+            Py_SETREF(member.uname, Py_NewRef(pax.uname));
         if (pax.gname)
-            Py_SETREF(m.gname, Py_NewRef(pax.gname));
+            Py_SETREF(member.gname, Py_NewRef(pax.gname));
         if (pax.has_size)
-            m.size = pax.size;
+            member.size = pax.size;
         if (pax.has_uid)
-            m.uid = pax.uid;
+            member.uid = pax.uid;
         if (pax.has_gid)
-            m.gid = pax.gid;
+            member.gid = pax.gid;
         if (pax.has_mtime) {
-            m.mtime = pax.mtime;
-            m.mtime_text = pax.mtime_text ? Py_NewRef(pax.mtime_text) : NULL;
+            member.mtime = pax.mtime;
+            member.mtime_text = pax.mtime_text ? Py_NewRef(pax.mtime_text) : NULL;
         }
         if (pax.xattrs)
-            m.xattrs = Py_NewRef(pax.xattrs);
+            member.xattrs = Py_NewRef(pax.xattrs);
         if (is_header_only_type(typeflag))
-            m.size = 0;
-        if (m.size > w->end - data_start)
+            member.size = 0;
+        if (member.size > window->end - data_start)
             goto out; /* the data runs past the region */
-        *entry = make_entry(entry_type, &m, typeflag, data_start);
+        *entry = make_entry(entry_type, &member, typeflag, data_start);
         if (*entry == NULL) {
             status = -1;
             goto out;
         }
-        *pos = data_start + (m.size + BLOCK - 1) / BLOCK * BLOCK;
+        *pos = data_start + (member.size + BLOCK - 1) / BLOCK * BLOCK;
         status = SCAN_MORE;
         goto out;
     }
 out:
-    member_clear(&m);
+    member_clear(&member);
     pax_clear(&pax);
     Py_XDECREF(long_name);
     Py_XDECREF(long_link);
@@ -599,21 +605,22 @@ scan(PyObject *module, PyObject *args)
                           &entry_type))
         return NULL;
     if (pos < 0 || end < 0 || limit <= 0) {
-        PyErr_SetString(PyExc_ValueError, "bad region or limit");
+        PyErr_SetString(PyExc_ValueError,
+                        "invalid region or limit: pos and end must be >= 0, limit >= 1");
         return NULL;
     }
     if (find_slots((PyTypeObject *)entry_type) < 0)
         return NULL;
     if (end > MAX_OFFSET) /* offsets this large are left to Python's integers */
         return Py_BuildValue("(NLi)", PyList_New(0), pos, SCAN_PYTHON);
-    Window w = {fd, end, 0, 0, 0, NULL};
+    Window window = {fd, end, 0, 0, 0, NULL};
     PyObject *entries = PyList_New(0);
     if (entries == NULL)
         return NULL;
     int status = SCAN_MORE;
     while (PyList_GET_SIZE(entries) < limit) {
         PyObject *entry = NULL;
-        status = read_member(&w, (PyTypeObject *)entry_type, &pos, &entry);
+        status = read_member(&window, (PyTypeObject *)entry_type, &pos, &entry);
         if (status != SCAN_MORE)
             break;
         int failed = PyList_Append(entries, entry);
@@ -623,7 +630,7 @@ scan(PyObject *module, PyObject *args)
             break;
         }
     }
-    PyMem_Free(w.buf);
+    PyMem_Free(window.buffer);
     if (status < 0) {
         Py_DECREF(entries);
         if (!PyErr_Occurred())
@@ -644,7 +651,7 @@ put_octal(char *field, int width, long long value)
     }
 }
 
-/* Convert an integer to long long; ValueError when it does not fit. */
+/* Convert an integer to long long, raising ValueError when it does not fit. */
 static int
 as_long_long(PyObject *number, long long *value)
 {
@@ -653,7 +660,7 @@ as_long_long(PyObject *number, long long *value)
     if (*value == -1 && PyErr_Occurred())
         return -1;
     if (overflow) {
-        PyErr_SetString(PyExc_ValueError, "field does not fit a ustar header");
+        PyErr_SetString(PyExc_ValueError, "invalid field: the value does not fit a ustar header");
         return -1;
     }
     return 0;
@@ -684,34 +691,34 @@ ustar_header(PyObject *module, PyObject *args)
     if (failed)
         goto done;
     if (name.len > 100 || linkname.len > 100 || uname.len > 32 || gname.len > 32 ||
-        uid < 0 || uid >= (1LL << 21) || gid < 0 || gid >= (1LL << 21) || size < 0 ||
-        size >= (1LL << 33) || mtime < 0 || mtime >= (1LL << 33)) {
-        PyErr_SetString(PyExc_ValueError, "field does not fit a ustar header");
+        uid < 0 || uid >= MAX_ID || gid < 0 || gid >= MAX_ID || size < 0 ||
+        size >= MAX_SIZE || mtime < 0 || mtime >= MAX_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "invalid field: the value does not fit a ustar header");
         goto done;
     }
     result = PyBytes_FromStringAndSize(NULL, BLOCK);
     if (result == NULL)
         goto done;
-    char *b = PyBytes_AS_STRING(result);
-    memset(b, 0, BLOCK);
-    memcpy(b, name.buf, (size_t)name.len);
-    put_octal(b + 100, 8, mode & 07777);
-    put_octal(b + 108, 8, uid);
-    put_octal(b + 116, 8, gid);
-    put_octal(b + 124, 12, size);
-    put_octal(b + 136, 12, mtime);
-    memset(b + 148, ' ', 8);
-    b[156] = typeflag;
-    memcpy(b + 157, linkname.buf, (size_t)linkname.len);
-    memcpy(b + 257, "ustar\0" "00", 8);
-    memcpy(b + 265, uname.buf, (size_t)uname.len);
-    memcpy(b + 297, gname.buf, (size_t)gname.len);
-    put_octal(b + 329, 8, 0);
-    put_octal(b + 337, 8, 0);
-    unsigned int sum = byte_sum((const unsigned char *)b);
+    char *header = PyBytes_AS_STRING(result);
+    memset(header, 0, BLOCK);
+    memcpy(header, name.buf, (size_t)name.len);
+    put_octal(header + 100, 8, mode & 07777);
+    put_octal(header + 108, 8, uid);
+    put_octal(header + 116, 8, gid);
+    put_octal(header + 124, 12, size);
+    put_octal(header + 136, 12, mtime);
+    memset(header + 148, ' ', 8);
+    header[156] = typeflag;
+    memcpy(header + 157, linkname.buf, (size_t)linkname.len);
+    memcpy(header + 257, "ustar\0" "00", 8);
+    memcpy(header + 265, uname.buf, (size_t)uname.len);
+    memcpy(header + 297, gname.buf, (size_t)gname.len);
+    put_octal(header + 329, 8, 0);
+    put_octal(header + 337, 8, 0);
+    unsigned int sum = byte_sum((const unsigned char *)header);
     /* Six digits, a NUL and a space, as the Python writer does. */
-    put_octal(b + 148, 7, sum);
-    b[155] = ' ';
+    put_octal(header + 148, 7, sum);
+    header[155] = ' ';
 done:
     PyBuffer_Release(&name);
     PyBuffer_Release(&linkname);

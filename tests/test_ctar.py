@@ -734,7 +734,7 @@ def test_scan_limit_resumes(limit: int) -> None:
 )
 def test_scan_bad_arguments_rejected(pos: int, end: int, limit: int) -> None:
     """A negative position or end, or a limit below 1, raises ValueError."""
-    with stored(END) as fd, pytest.raises(ValueError, match="bad region or limit"):
+    with stored(END) as fd, pytest.raises(ValueError, match="invalid region or limit"):
         ctar.scan(fd, pos, end, limit, TarEntry)
 
 
