@@ -568,20 +568,14 @@ def floors(plain: Corpus, gzipped: Corpus, cp_seconds: float) -> str:
     with every core busy all the time, a flatten cannot take less than the
     sum of that work divided by the number of cores.
     """
-    import hashlib
-
     from pulldocker.archive import open_archive
-    from pulldocker.layers import decompress_to_file
+    from pulldocker.layers import decompress_to_file, hash_region
 
-    chunk = 1024 * 1024
     hash_cpu = inflate_cpu = 0.0
     with open_archive(str(plain.archive)) as archive:
         for layer in archive.select_image(None, None).layers:
-            digest = hashlib.sha256()
             started = time.process_time()
-            for position in range(layer.offset, layer.offset + layer.size, chunk):
-                end = min(position + chunk, layer.offset + layer.size)
-                digest.update(os.pread(layer.fd, end - position, position))
+            hash_region(layer.fd, layer.offset, layer.size, "sha256")
             hash_cpu += time.process_time() - started
     with open_archive(str(gzipped.archive)) as archive, open(os.devnull, "wb") as sink:
         for layer in archive.select_image(None, None).layers:
