@@ -220,8 +220,8 @@ class RootFS:
     def __init__(self) -> None:
         self.root = Node(b"", None, Inode(DIR, None, -1), -1)
         self.skipped_whiteout_dirs = 0
-        # Directories found by walking plain directories from the root, by
-        # path. Adding nodes keeps every entry right; any removal clears it.
+        # Directories reached from the root through plain directories, by
+        # path. Adding nodes leaves every entry valid, and any removal clears it.
         self._dirs: dict[tuple[bytes, ...], Node] = {}
 
     # -- applying one layer -------------------------------------------------

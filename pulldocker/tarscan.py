@@ -148,8 +148,8 @@ def iter_entries(
 
     PAX, GNU long-name and sparse headers are folded into the member they
     describe. ``label`` names the layer or archive in error messages. The
-    compiled reader, when it is built, reads the common members; each member
-    it leaves is read here.
+    compiled reader, when it is built, reads the common members, and each
+    member it leaves is read here.
 
     Raises:
         InvalidInputError: a header has a bad checksum, a field is malformed
@@ -159,7 +159,7 @@ def iter_entries(
     end = start + length
     window = _Window(fd, start, end)
     pos = start
-    # The compiled reader works in 64-bit offsets; larger ones stay here.
+    # The compiled reader uses 64-bit offsets, so regions past 2**60 are read here.
     compiled = _ctar if start >= 0 and end < 2**60 else None
     while True:
         if compiled is not None:
@@ -178,9 +178,10 @@ def iter_entries(
 def _read_member(
     window: _Window, pos: int, start: int, label: str
 ) -> tuple[TarEntry | None, int]:
-    """Read the member whose headers start at ``pos``; None at the end.
+    """Read the member whose headers start at ``pos``.
 
-    Returns the member and the position of the next header.
+    Returns the member, or None at the end of the archive, and the position
+    of the next header.
     """
     end = window.end
     long_name: bytes | None = None

@@ -79,11 +79,11 @@ def test_record_moves_tag_to_latest_image(tmp_path: Path) -> None:
     assert cache.find_entry("x:1") == entries[1]
 
 
-def test_converting_the_cache_trusts_only_uncompressed_layers(tmp_path: Path) -> None:
+def test_verified_layers_skip_plain_hashing(tmp_path: Path) -> None:
     """layers_verified skips hashing uncompressed layers, never compressed ones.
 
     The cache checks each uncompressed layer's diff_id before storing it, so
-    converting from the cache need not hash it again; a compressed layer's
+    converting from the cache need not hash it again. A compressed layer's
     diff_id is only known after decompressing, so it is always checked.
     """
     plain = tar_bytes([file("etc/hostname", b"box\n")])

@@ -67,7 +67,7 @@ def entry_fields(entry: TarEntry) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def stored(data: bytes, prefix: bytes = b"", suffix: bytes = b"") -> Iterator[int]:
-    """Yield a descriptor of a file holding ``prefix + data + suffix``."""
+    """Yield a descriptor of a file that contains ``prefix + data + suffix``."""
     with tempfile.TemporaryFile(prefix="pulldocker-ctar-") as handle:
         handle.write(prefix + data + suffix)
         handle.flush()
@@ -234,7 +234,8 @@ def tarfile_member(draw: st.DrawFn, tar_format: int) -> tuple[tarfile.TarInfo, b
         info.devmajor = draw(st.integers(0, 2**24))
         info.devminor = draw(st.integers(0, 2**24))
     data = b""
-    # Header-only types sometimes declare data too, which readers take for headers.
+    # One in ten header-only members also declares data. Both readers skip no
+    # data for these types, so they read that data as headers.
     if info.isreg() or draw(st.integers(0, 9)) == 0:
         data = draw(st.binary(max_size=1500))
     info.size = len(data)
@@ -344,7 +345,8 @@ def hand_member(draw: st.DrawFn) -> bytes:
     name = draw(st.binary(min_size=1, max_size=100))
     kind = draw(st.sampled_from(MEMBER_TYPES) | st.sampled_from(ODD_TYPES))
     content = b""
-    # Header-only types rarely declare data, because both readers read it as headers.
+    # One in ten header-only members also declares data, which both readers
+    # then read as headers.
     if kind in (b"0", b"\0", b"7") or draw(st.integers(0, 9)) == 0:
         content = draw(st.binary(max_size=700))
     return data + raw_member(name, content, kind=kind)
@@ -738,7 +740,7 @@ def test_scan_bad_arguments_rejected(pos: int, end: int, limit: int) -> None:
         ctar.scan(fd, pos, end, limit, TarEntry)
 
 
-def test_scan_refuses_a_class_with_borrowed_slots() -> None:
+def test_scan_rejects_borrowed_slots() -> None:
     """Slot descriptors copied from TarEntry onto another class raise TypeError.
 
     Their offsets belong to TarEntry instances, so writing through them into
@@ -807,7 +809,7 @@ def test_ustar_header_matches_python(fields: tuple[Any, ...]) -> None:
     assert block == python_block(*fields)
 
 
-# Field index and a value just outside what a ustar header holds.
+# Field index and a value just outside what a ustar header can contain.
 UNFITTING = [
     (0, b"n" * 101),
     (2, -1),

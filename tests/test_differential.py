@@ -243,8 +243,8 @@ def random_entry(rng: random.Random, model: Model, written: list[Entry]) -> Entr
         entry = rng.choice(earlier)
         if model.where(str(entry.name).rstrip("/")) is not None:
             if entry.kind == "hardlink" and str(entry.link) in model.metadata:
-                # A hardlink header repeats its file's mode and mtime as they
-                # are now, which a later entry may have changed.
+                # A repeated hardlink header carries its file's current mode
+                # and mtime, because a later entry may have changed them.
                 mode, mtime = model.metadata[str(entry.link)]
                 return replace(entry, mode=mode, mtime=mtime)
             return replace(entry)
